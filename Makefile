@@ -1,0 +1,26 @@
+PY := .venv/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test test-slow bench clean
+
+.venv/installed: pyproject.toml constraints.txt
+	test -d .venv || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch .venv/installed
+
+demo: .venv/installed
+	$(PY) train.py --config configs/ring.yaml
+	$(PY) sample.py --checkpoint runs/ring/checkpoint --out runs/ring/samples
+
+test: .venv/installed
+	$(PY) -m pytest -q
+
+test-slow: .venv/installed
+	$(PY) -m pytest -q -m slow
+
+bench: .venv/installed
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf runs .pytest_cache

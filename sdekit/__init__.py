@@ -1,0 +1,12 @@
+"""sdekit: diffusion models and SDEs through the reparameterization (pathwise) view."""
+from . import data
+from .data import GaussianMixture
+from .samplers import SAMPLERS, sample
+from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE, make_sde
+
+__all__ = [
+    "SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "make_sde",
+    "GaussianMixture", "data",
+    "sample", "SAMPLERS",
+]
+__version__ = "0.1.0"

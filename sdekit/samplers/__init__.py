@@ -1,0 +1,130 @@
+"""Samplers: plain functions `fn(score_fn, sde, x, ts, *, generator, noise, callback, **options) -> x`.
+
+Each family lives in its own module, written like its paper's algorithm; `SAMPLERS` is the one
+registry, and `sample` is the one entry point that draws x_T, builds the time grid, counts network
+evaluations (NFE) and checks arguments before any work starts.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..sde import SDE, broadcast_like
+from .grids import GRIDS, make_grid
+from .ode import heun, ode_euler
+from .reverse_sde import euler_maruyama
+
+__all__ = ["sample", "SAMPLERS", "SamplerSpec", "CountingScore"]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    fn: Callable
+    default_steps: int | None      # None: adaptive, steps are ignored
+    default_grid: str = "uniform"
+    stochastic: bool = False
+    order: float | None = None     # nominal convergence order (deterministic samplers)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "euler_maruyama": SamplerSpec(euler_maruyama, 500, "uniform", stochastic=True, order=0.5),
+    "ode_euler": SamplerSpec(ode_euler, 200, "uniform", order=1.0),
+    "heun": SamplerSpec(heun, 50, "uniform", order=2.0),
+}
+
+
+class CountingScore:
+    """Wraps a score function and counts its evaluations (one batched call is one NFE)."""
+
+    def __init__(self, score_fn: Callable):
+        self.score_fn, self.nfe = score_fn, 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.score_fn(x, t)
+
+
+def _check_options(name: str, fn: Callable, options: dict) -> None:
+    accepted = {p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise TypeError(f"sampler {name!r} got unknown option(s) {unknown}; it accepts {sorted(accepted - {'generator', 'noise', 'callback', 'info'})}")
+
+
+def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "euler_maruyama", steps: int | None = None,
+           generator: torch.Generator | None = None, *, x_T: Tensor | None = None, noise: Tensor | None = None,
+           ts: Tensor | None = None, grid: str | None = None, denoise: bool = False, return_trajectory: bool = False,
+           return_info: bool = False, callback: Callable | None = None, dtype: torch.dtype | None = None,
+           device=None, **options):
+    """Draw samples by integrating from sde.t_max to sde.t_min.
+
+    score_fn(x: (B, *S), t: (B,)) -> (B, *S), the score grad_x log p_t(x).
+    shape: (B, *S). x_T defaults to sde.prior_sample(shape, generator=generator).
+    noise: (N, B, *S) standard normals for stochastic samplers (the path is then a deterministic function).
+    ts: explicit decreasing time grid (N+1,), else `grid` ('uniform', 'log_snr', 'edm') with `steps` steps.
+    denoise: end with the Tweedie step x0 = (x + sigma^2 score) / alpha at t_min (one extra NFE).
+    Returns x: (B, *S); with return_trajectory, also the (N+1, B, *S) stack of states; with return_info,
+    also a dict holding 'nfe' and any sampler statistics.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+    spec = SAMPLERS[sampler]
+    _check_options(sampler, spec.fn, options)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be (B, *S) with positive sizes, got {shape}")
+    if grid is not None and grid not in GRIDS:
+        raise ValueError(f"unknown time grid {grid!r}; expected one of {sorted(GRIDS)}")
+    if x_T is None:
+        x_T = sde.prior_sample(shape, generator=generator, dtype=dtype, device=device)
+    elif tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+    if ts is None:
+        if spec.default_steps is None:
+            steps = 1  # adaptive: only the end points matter
+        steps = spec.default_steps if steps is None else steps
+        ts = make_grid(grid or spec.default_grid, sde, steps, dtype=x_T.dtype, device=x_T.device)
+    else:
+        ts = torch.as_tensor(ts, dtype=x_T.dtype, device=x_T.device)
+        if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()):
+            raise ValueError(f"ts must be a strictly decreasing 1-D grid with at least 2 points, got shape {tuple(ts.shape)}")
+    lo, hi = sde.t_min - 1e-9 * max(1.0, abs(sde.t_min)), sde.t_max * (1 + 1e-7) + 1e-12
+    if float(ts[-1]) < lo or float(ts[0]) > hi:
+        raise ValueError(f"time grid [{float(ts[-1])}, {float(ts[0])}] leaves the SDE's interval [{sde.t_min}, {sde.t_max}]")
+    if noise is not None:
+        if not spec.stochastic:
+            raise ValueError(f"sampler {sampler!r} is deterministic and takes no noise")
+        if tuple(noise.shape[1:]) != shape or noise.shape[0] < len(ts) - 1:
+            raise ValueError(f"noise must be (N, *shape) = ({len(ts) - 1}, {', '.join(map(str, shape))}), got {tuple(noise.shape)}")
+
+    counted = CountingScore(score_fn)
+    trajectory = [x_T] if return_trajectory else None
+
+    def on_step(i, t, x):
+        if trajectory is not None:
+            trajectory.append(x)
+        if callback is not None:
+            callback(i, t, x)
+
+    kwargs = dict(options)
+    params = inspect.signature(spec.fn).parameters
+    info: dict = {}
+    for name, value in (("generator", generator), ("noise", noise), ("callback", on_step), ("info", info)):
+        if name in params:
+            kwargs[name] = value
+    x = spec.fn(counted, sde, x_T, ts, **kwargs)
+    if denoise:
+        tb = ts[-1].expand(x.shape[0])
+        alpha, sigma = sde.marginal(tb)
+        x = (x + broadcast_like(sigma**2, x) * counted(x, tb)) / broadcast_like(alpha, x)
+    info["nfe"] = counted.nfe
+    out = (x,)
+    if return_trajectory:
+        out += (torch.stack(trajectory),)
+    if return_info:
+        out += (info,)
+    return out[0] if len(out) == 1 else out

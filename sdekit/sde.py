@@ -1,0 +1,306 @@
+"""Forward noising processes dx = f(t) x dt + g(t) dW with closed-form Gaussian marginals.
+
+Every process here is linear in x, so x_t | x_0 ~ N(alpha_t x_0, sigma_t^2 I). Training, the
+samplers and the likelihood all read (alpha_t, sigma_t) and (f, g) from one of these objects.
+
+The marginals are exact solutions of the stated SDE (not approximations of a discrete chain):
+`tests/test_sde.py` checks each against a Monte Carlo simulation of its own drift and diffusion.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "SDES", "make_sde", "broadcast_like"]
+
+
+def _as_tensor(t, like: Tensor | None = None) -> Tensor:
+    if isinstance(t, Tensor):
+        return t
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    device = like.device if like is not None else None
+    return torch.as_tensor(t, dtype=dtype, device=device)
+
+
+def broadcast_like(c: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample coefficient c: () or (B,) so it broadcasts against x: (B, *S)."""
+    c = _as_tensor(c, x)
+    if c.ndim == 0:
+        return c
+    if c.ndim != 1 or c.shape[0] != x.shape[0]:
+        raise ValueError(f"coefficient of shape {tuple(c.shape)} does not match batch of x {tuple(x.shape)}; expected () or ({x.shape[0]},)")
+    return c.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class SDE(ABC):
+    """Base class: a linear forward SDE dx = f(t) x dt + g(t) dW on [t_min, t_max].
+
+    Subclasses implement `marginal`, `drift_coef`, `diffusion`, `log_snr` and `t_from_log_snr`.
+    """
+
+    t_min: float
+    t_max: float
+    prior_std: float = 1.0
+    name: str = "sde"
+
+    # --- the closed forms a subclass provides -------------------------------------------------
+    @abstractmethod
+    def marginal(self, t) -> tuple[Tensor, Tensor]:
+        """x_t | x_0 ~ N(alpha x_0, sigma^2 I). t: () or (B,) -> alpha, sigma of t's shape."""
+
+    @abstractmethod
+    def drift_coef(self, t) -> Tensor:
+        """f(t) with drift f(t) x. t: () or (B,) -> same shape."""
+
+    @abstractmethod
+    def diffusion(self, t) -> Tensor:
+        """g(t). t: () or (B,) -> same shape."""
+
+    @abstractmethod
+    def t_from_log_snr(self, lam) -> Tensor:
+        """Inverse of `log_snr`: the time at which log(alpha^2 / sigma^2) equals lam."""
+
+    # --- derived quantities ---------------------------------------------------------------------
+    def drift(self, x: Tensor, t) -> Tensor:
+        """f(x, t) = f(t) x. x: (B, *S), t: () or (B,)."""
+        return broadcast_like(self.drift_coef(_as_tensor(t, x)), x) * x
+
+    def log_snr(self, t) -> Tensor:
+        """lambda(t) = log(alpha_t^2 / sigma_t^2), decreasing in t."""
+        alpha, sigma = self.marginal(t)
+        return 2.0 * (torch.log(alpha) - torch.log(sigma))
+
+    def sigma_ratio(self, t) -> Tensor:
+        """sigma_t / alpha_t, the noise level of x_t / alpha_t (EDM's sigma)."""
+        alpha, sigma = self.marginal(t)
+        return sigma / alpha
+
+    def t_from_sigma_ratio(self, s) -> Tensor:
+        """Time at which sigma_t / alpha_t equals s."""
+        s = _as_tensor(s)
+        return self.t_from_log_snr(-2.0 * torch.log(s))
+
+    def perturb(self, x0: Tensor, t, noise: Tensor) -> Tensor:
+        """x_t = alpha_t x0 + sigma_t noise. x0, noise: (B, *S); t: () or (B,)."""
+        alpha, sigma = self.marginal(_as_tensor(t, x0))
+        return broadcast_like(alpha, x0) * x0 + broadcast_like(sigma, x0) * noise
+
+    def prior_sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
+                     dtype: torch.dtype | None = None, device=None) -> Tensor:
+        """x_T ~ N(0, prior_std^2 I) of the given shape."""
+        return self.prior_std * torch.randn(tuple(shape), generator=generator, dtype=dtype,
+                                            device=device if device is not None else (generator.device if generator is not None else None))
+
+    def prior_log_prob(self, x: Tensor) -> Tensor:
+        """log N(x; 0, prior_std^2 I) per sample. x: (B, *S) -> (B,)."""
+        d = x[0].numel()
+        sq = x.reshape(x.shape[0], -1).pow(2).sum(1)
+        return -0.5 * sq / self.prior_std**2 - 0.5 * d * math.log(2 * math.pi * self.prior_std**2)
+
+    def reverse_drift(self, x: Tensor, t, score: Tensor, probability_flow: bool = False) -> Tensor:
+        """Drift of the reverse-time SDE (or of the probability-flow ODE) at (x, t)."""
+        t = _as_tensor(t, x)
+        g2 = broadcast_like(self.diffusion(t) ** 2, x)
+        return self.drift(x, t) - (0.5 if probability_flow else 1.0) * g2 * score
+
+    @abstractmethod
+    def config(self) -> dict:
+        """Keyword arguments that rebuild this SDE with `make_sde`."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class VPSDE(SDE):
+    """Variance preserving SDE (DDPM in continuous time): f = -beta(t)/2, g = sqrt(beta(t)).
+
+    schedule="linear": beta(t) = beta_min + t (beta_max - beta_min) on [t_min, 1].
+    schedule="cosine": alpha_t = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s)), beta = -2 d log alpha / dt;
+    beta blows up at t=1, so the default t_max is 0.9946 (log-SNR about -10), as in DPM-Solver.
+    """
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, schedule: str = "linear",
+                 cosine_s: float = 0.008, t_min: float = 1e-3, t_max: float | None = None):
+        if schedule not in ("linear", "cosine"):
+            raise ValueError(f"unknown VPSDE schedule {schedule!r}; expected 'linear' or 'cosine'")
+        if schedule == "linear" and not (0 <= beta_min < beta_max):
+            raise ValueError(f"VPSDE needs 0 <= beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_min, self.beta_max, self.schedule, self.cosine_s = float(beta_min), float(beta_max), schedule, float(cosine_s)
+        self.t_min = float(t_min)
+        self.t_max = float(t_max if t_max is not None else (1.0 if schedule == "linear" else 0.9946))
+        if not 0 < self.t_min < self.t_max:
+            raise ValueError(f"need 0 < t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        self._cos0 = math.cos(math.pi / 2 * self.cosine_s / (1 + self.cosine_s))
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        if self.schedule == "linear":
+            return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+        phase = math.pi / 2 * (t + self.cosine_s) / (1 + self.cosine_s)
+        return torch.log(torch.cos(phase)) - math.log(self._cos0)
+
+    def beta(self, t) -> Tensor:
+        t = _as_tensor(t)
+        if self.schedule == "linear":
+            return self.beta_min + t * (self.beta_max - self.beta_min)
+        phase = math.pi / 2 * (t + self.cosine_s) / (1 + self.cosine_s)
+        return math.pi / (1 + self.cosine_s) * torch.tan(phase)
+
+    def marginal(self, t):
+        t = _as_tensor(t)
+        log_alpha = self._log_alpha(t)
+        # sigma^2 = 1 - alpha^2 = -expm1(2 log alpha): accurate at small t.
+        return torch.exp(log_alpha), torch.sqrt(-torch.expm1(2.0 * log_alpha))
+
+    def drift_coef(self, t):
+        return -0.5 * self.beta(t)
+
+    def diffusion(self, t):
+        return torch.sqrt(self.beta(t))
+
+    def log_snr(self, t):
+        t = _as_tensor(t)
+        two_log_alpha = 2.0 * self._log_alpha(t)
+        return two_log_alpha - torch.log(-torch.expm1(two_log_alpha))
+
+    def t_from_log_snr(self, lam):
+        lam = _as_tensor(lam)
+        # alpha^2 = sigmoid(lam), so -2 log alpha = softplus(-lam)
+        neg_two_log_alpha = torch.nn.functional.softplus(-lam)
+        if self.schedule == "linear":
+            b0, db = self.beta_min, self.beta_max - self.beta_min
+            return 2.0 * neg_two_log_alpha / (b0 + torch.sqrt(b0**2 + 2.0 * db * neg_two_log_alpha))
+        alpha = torch.exp(-0.5 * neg_two_log_alpha)
+        phase = torch.arccos(alpha * self._cos0)
+        return phase * 2.0 * (1 + self.cosine_s) / math.pi - self.cosine_s
+
+    def config(self):
+        return dict(name="vp", beta_min=self.beta_min, beta_max=self.beta_max, schedule=self.schedule,
+                    cosine_s=self.cosine_s, t_min=self.t_min, t_max=self.t_max)
+
+
+class SubVPSDE(VPSDE):
+    """Sub-VP SDE (Song et al. 2021): f = -beta/2, g^2 = beta (1 - alpha^4), sigma_t = 1 - alpha_t^2."""
+
+    name = "subvp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        super().__init__(beta_min, beta_max, "linear", t_min=t_min, t_max=t_max)
+
+    def marginal(self, t):
+        t = _as_tensor(t)
+        log_alpha = self._log_alpha(t)
+        return torch.exp(log_alpha), -torch.expm1(2.0 * log_alpha)
+
+    def diffusion(self, t):
+        t = _as_tensor(t)
+        return torch.sqrt(self.beta(t) * -torch.expm1(4.0 * self._log_alpha(t)))
+
+    def log_snr(self, t):
+        t = _as_tensor(t)
+        two_log_alpha = 2.0 * self._log_alpha(t)
+        return two_log_alpha - 2.0 * torch.log(-torch.expm1(two_log_alpha))
+
+    def t_from_log_snr(self, lam):
+        lam = _as_tensor(lam)
+        # a = alpha^2 solves e^lam (1 - a)^2 = a; take the root in (0, 1).
+        e = torch.exp(lam)
+        a = (2 * e + 1 - torch.sqrt(4 * e + 1)) / (2 * e)
+        neg_two_log_alpha = -torch.log(a)
+        b0, db = self.beta_min, self.beta_max - self.beta_min
+        return 2.0 * neg_two_log_alpha / (b0 + torch.sqrt(b0**2 + 2.0 * db * neg_two_log_alpha))
+
+    def config(self):
+        return dict(name="subvp", beta_min=self.beta_min, beta_max=self.beta_max, t_min=self.t_min, t_max=self.t_max)
+
+
+class VESDE(SDE):
+    """Variance exploding SDE: f = 0, g(t) = s(t) sqrt(2 log(sigma_max/sigma_min)), s(t) = sigma_min (sigma_max/sigma_min)^t.
+
+    The exact marginal of this SDE started at t=0 has sigma_t^2 = s(t)^2 - sigma_min^2 (the integral
+    of g^2); the default t_min = log 2 / (2 log(sigma_max/sigma_min)) is where sigma_t = sigma_min.
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float | None = None, t_max: float = 1.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+        self.t_min = float(t_min if t_min is not None else math.log(2.0) / (2 * self._log_ratio))
+        self.t_max = float(t_max)
+        if not 0 < self.t_min < self.t_max:
+            raise ValueError(f"need 0 < t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        self.prior_std = float(self.marginal(torch.tensor(self.t_max, dtype=torch.float64))[1])
+
+    def marginal(self, t):
+        t = _as_tensor(t)
+        sigma = self.sigma_min * torch.sqrt(torch.expm1(2.0 * t * self._log_ratio))
+        return torch.ones_like(t), sigma
+
+    def drift_coef(self, t):
+        return torch.zeros_like(_as_tensor(t))
+
+    def diffusion(self, t):
+        t = _as_tensor(t)
+        return self.sigma_min * torch.exp(t * self._log_ratio) * math.sqrt(2 * self._log_ratio)
+
+    def t_from_log_snr(self, lam):
+        lam = _as_tensor(lam)
+        # sigma^2 = exp(-lam) = sigma_min^2 (exp(2 t L) - 1)
+        return torch.log1p(torch.exp(-lam) / self.sigma_min**2) / (2 * self._log_ratio)
+
+    def config(self):
+        return dict(name="ve", sigma_min=self.sigma_min, sigma_max=self.sigma_max, t_min=self.t_min, t_max=self.t_max)
+
+
+class EDM(SDE):
+    """Karras et al. (2022): sigma_t = t, alpha_t = 1, so f = 0 and g = sqrt(2 t); t runs over [sigma_min, sigma_max].
+
+    rho sets the default time grid of the samplers (sigma_i^(1/rho) uniformly spaced);
+    sigma_data is the data scale used by the preconditioning and the loss weighting.
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, sigma_data: float = 0.5):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if rho <= 0 or sigma_data <= 0:
+            raise ValueError(f"EDM needs rho > 0 and sigma_data > 0, got rho={rho}, sigma_data={sigma_data}")
+        self.sigma_min, self.sigma_max, self.rho, self.sigma_data = float(sigma_min), float(sigma_max), float(rho), float(sigma_data)
+        self.t_min, self.t_max = self.sigma_min, self.sigma_max
+        self.prior_std = self.sigma_max
+
+    def marginal(self, t):
+        t = _as_tensor(t)
+        return torch.ones_like(t), t
+
+    def drift_coef(self, t):
+        return torch.zeros_like(_as_tensor(t))
+
+    def diffusion(self, t):
+        return torch.sqrt(2.0 * _as_tensor(t))
+
+    def t_from_log_snr(self, lam):
+        return torch.exp(-0.5 * _as_tensor(lam))
+
+    def config(self):
+        return dict(name="edm", sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho, sigma_data=self.sigma_data)
+
+
+SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDM}
+
+
+def make_sde(name: str, **kwargs) -> SDE:
+    """Build an SDE by name ('vp', 'subvp', 've', 'edm') from keyword arguments."""
+    if name not in SDES:
+        raise ValueError(f"unknown SDE {name!r}; expected one of {sorted(SDES)}")
+    return SDES[name](**kwargs)
