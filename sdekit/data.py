@@ -15,7 +15,7 @@ from torch import Tensor
 from .sde import SDE, _as_tensor
 
 __all__ = ["GaussianMixture", "ring", "grid", "two_moons", "swiss_roll", "checkerboard", "pinwheel",
-           "TOY_DATASETS", "make_toy"]
+           "TOY_DATASETS", "EXACT_MIXTURES", "make_toy", "load_dataset", "check_finite"]
 
 
 class GaussianMixture:
@@ -193,3 +193,24 @@ def make_toy(name: str, n: int, generator: torch.Generator | None = None, **kwar
     if name not in TOY_DATASETS:
         raise ValueError(f"unknown toy data set {name!r}; expected one of {sorted(TOY_DATASETS)}")
     return TOY_DATASETS[name](n, generator=generator, **kwargs)
+
+
+def load_dataset(name: str, n: int, seed: int = 0, path: str | None = None, **options) -> Tensor:
+    """A training set as one tensor (N, *S): toy sets are drawn once with `seed` so that a run sees fixed data.
+
+    Raises on unknown names and on non-finite values, before any training starts.
+    """
+    if name in TOY_DATASETS:
+        x = make_toy(name, n, generator=torch.Generator().manual_seed(seed), **options)
+    else:
+        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(TOY_DATASETS)}")
+    check_finite(x, f"data set {name!r}")
+    return x
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Raise ValueError naming `what` and the first bad index if x holds NaN or Inf."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what} contains {int(bad.sum())} NaN/Inf value(s), first at index {first}")

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "SDES", "make_sde", "broadcast_like"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "SDES", "make_sde", "broadcast_like", "per_sample_t"]
 
 
 def _as_tensor(t, like: Tensor | None = None) -> Tensor:
@@ -34,6 +34,16 @@ def broadcast_like(c: Tensor, x: Tensor) -> Tensor:
     if c.ndim != 1 or c.shape[0] != x.shape[0]:
         raise ValueError(f"coefficient of shape {tuple(c.shape)} does not match batch of x {tuple(x.shape)}; expected () or ({x.shape[0]},)")
     return c.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def per_sample_t(t, x: Tensor) -> Tensor:
+    """t as a (B,) tensor on x's dtype and device, from a float, a () tensor or a (B,) tensor."""
+    t = _as_tensor(t, x).to(dtype=x.dtype, device=x.device)
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be () or (B,)=({x.shape[0]},), got {tuple(t.shape)}")
+    return t
 
 
 class SDE(ABC):

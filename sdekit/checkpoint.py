@@ -1,0 +1,166 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically and verified on load.
+
+A checkpoint is a folder `step_00001234/` holding one `<group>.safetensors` per tensor group
+(model, ema, optimizer, ...) and `state.json` (config, step, metadata and the SHA-256 of every
+tensor file). It is written into a temporary folder, every file fsynced, then renamed into place, so a
+kill at any moment leaves either the old set of checkpoints or the new one, never a half file.
+Loading never executes code: no pickle, only safetensors and JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+           "prune_checkpoints", "optimizer_to_tensors", "optimizer_from_tensors", "atomic_write_text"]
+
+STATE_FILE = "state.json"
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit the model it is loaded into."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file via temp file + fsync + rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, groups: dict[str, dict[str, Tensor]], meta: dict) -> Path:
+    """Write run_dir/checkpoints/step_XXXXXXXX atomically and return its path."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    hashes = {}
+    for name, tensors in groups.items():
+        path = tmp / f"{name}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        hashes[name] = _sha256(path)
+    state = dict(meta, step=step, files=hashes)
+    with open(tmp / STATE_FILE, "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step: replace the old folder
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def load_checkpoint(path: str | Path, groups: list[str] | None = None) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """Read and verify a checkpoint folder. Returns ({group: tensors}, state dict)."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    if not state_file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {STATE_FILE}: incomplete or not a checkpoint")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is corrupted ({e})") from None
+    files = state.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} lists no tensor files")
+    out = {}
+    for name in groups if groups is not None else files:
+        if name not in files:
+            raise CheckpointError(f"checkpoint {path} has no tensor group {name!r}; it has {sorted(files)}")
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {file.name} is missing")
+        if _sha256(file) != files[name]:
+            raise CheckpointError(f"checkpoint {path}: {file.name} is corrupted or truncated (SHA-256 mismatch)")
+        try:
+            out[name] = load_file(str(file))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"checkpoint {path}: {file.name} is not a valid safetensors file ({e})") from None
+    return out, state
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (temporary folders excluded)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that loads and verifies, or None if there is none."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path)
+            return path
+        except CheckpointError:
+            continue
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and stale temporary folders from killed writes."""
+    root = Path(run_dir) / "checkpoints"
+    for stale in root.glob(f".tmp-{PREFIX}*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def optimizer_to_tensors(state_dict: dict) -> tuple[dict[str, Tensor], dict]:
+    """Split a torch optimizer state_dict into flat tensors and JSON-able param_groups."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, Tensor):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, Tensor], meta: dict) -> dict:
+    """Inverse of `optimizer_to_tensors`."""
+    state: dict[int, dict] = {}
+    for flat, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

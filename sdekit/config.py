@@ -1,0 +1,250 @@
+"""Typed experiment configs: dataclasses, filled from YAML and `section.key=value` overrides.
+
+Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the dotted key,
+before any work starts. The resolved config is saved (as JSON) in every checkpoint and output folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "SDEConfig", "DataConfig", "ModelConfig", "LossConfig", "TrainConfig", "SampleConfig",
+           "Config", "load_config", "from_dict", "to_dict", "apply_overrides"]
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it and what was expected."""
+
+
+@dataclass
+class SDEConfig:
+    name: str = "vp"                     # vp | subvp | ve | edm
+    beta_min: float | None = None        # vp, subvp
+    beta_max: float | None = None
+    schedule: str | None = None          # vp: linear | cosine
+    sigma_min: float | None = None       # ve, edm
+    sigma_max: float | None = None
+    rho: float | None = None             # edm
+    sigma_data: float | None = None      # edm
+    t_min: float | None = None
+    t_max: float | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "ring"                   # a toy set (sdekit.data.TOY_DATASETS) or another registered source
+    n_train: int = 20000                 # toy sets: size of the fixed training set drawn with `seed`
+    seed: int = 0
+    path: str | None = None              # file-based sources
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    target: str = "models.mlp:MLP"       # `module:Class`, built as Class(dim, **options)
+    prediction: str = "eps"              # eps | x0 | v | score | edm
+    sigma_data: float = 1.0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    weighting: str = "uniform"           # uniform | likelihood | snr | min_snr | edm
+    t_sampling: str = "uniform"          # uniform | lognormal
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 512                # global batch per optimiser step (all processes, all accumulation steps)
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"          # constant | cosine (after warmup)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    mixed_precision: str = "no"          # no | bf16 | fp16
+    log_every: int = 100
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 10              # consecutive non-finite losses before the run stops
+    out_dir: str = "runs/default"
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "heun"
+    steps: int | None = None
+    grid: str | None = None
+    n_samples: int = 4000
+    batch_size: int = 4000
+    seed: int = 1
+    denoise: bool = False
+    use_ema: bool = True
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    sde: SDEConfig = field(default_factory=SDEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+
+_CHOICES = {
+    "sde.name": ("vp", "subvp", "ve", "edm"),
+    "sde.schedule": (None, "linear", "cosine"),
+    "model.prediction": ("eps", "x0", "v", "score", "edm"),
+    "loss.weighting": ("uniform", "likelihood", "snr", "min_snr", "edm"),
+    "loss.t_sampling": ("uniform", "lognormal"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.lr_schedule": ("constant", "cosine"),
+}
+_POSITIVE = ["train.steps", "train.batch_size", "train.grad_accum", "train.lr", "train.log_every", "train.ckpt_every",
+             "train.keep_checkpoints", "train.max_bad_steps", "data.n_train", "model.sigma_data", "sample.n_samples",
+             "sample.batch_size", "loss.P_std", "loss.min_snr_gamma"]
+_NON_NEGATIVE = ["train.weight_decay", "train.warmup_steps", "train.grad_clip"]
+
+
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types alone cannot express."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key} = {_get(cfg, key)!r} is not allowed; expected one of {[c for c in choices if c is not None]}")
+    for key in _POSITIVE:
+        v = _get(cfg, key)
+        if not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{key} must be > 0, got {v!r}")
+    for key in _NON_NEGATIVE:
+        v = _get(cfg, key)
+        if not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"{key} must be >= 0, got {v!r}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay!r}")
+    if cfg.sample.steps is not None and cfg.sample.steps < 1:
+        raise ConfigError(f"sample.steps must be >= 1 (or null for the sampler's default), got {cfg.sample.steps!r}")
+    if ":" not in cfg.model.target:
+        raise ConfigError(f"model.target must look like 'module:Class', got {cfg.model.target!r}")
+
+
+# --- dict <-> dataclass with type checks ------------------------------------------------------------
+def _check_value(key: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} has the wrong type; expected {tp}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key} must be an integer, got {value!r} ({type(value).__name__})")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls, data: Any, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f" in section '{prefix}'" if prefix else ""
+        raise ConfigError(f"unknown config key '{(prefix + '.') if prefix else ''}{unknown[0]}'{where}; known keys: {names}")
+    kwargs = {k: _check_value(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from a nested dict (missing keys take their defaults)."""
+    return _build(Config, data or {})
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to a nested dict; values are parsed as YAML (so 1e-3, true, null work)."""
+    data = json.loads(json.dumps(data or {}))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when path is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return from_dict(apply_overrides(data, overrides or []))

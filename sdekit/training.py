@@ -1,0 +1,308 @@
+"""Training loop for denoising score matching, on accelerate (one process, several, or several machines).
+
+Reading order: build the pieces from the config, then one loop of optimiser steps.
+
+Determinism by construction: the data order, the diffusion times and the noise of step s are pure
+functions of (seed, s), drawn for the whole global batch and sliced per process. Hence
+  * N processes x batch B give the same update as 1 process x batch N B (to round-off);
+  * resuming needs only (weights, EMA, optimiser, scheduler, step): a killed and resumed run ends
+    with the same parameters as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import (CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
+                         optimizer_to_tensors, prune_checkpoints, save_checkpoint)
+from .config import Config, ConfigError, ModelConfig, SDEConfig, from_dict, load_config, to_dict
+from .data import load_dataset
+from .losses import dsm_loss, sample_t
+from .precond import Denoiser
+from .sde import SDE, make_sde
+
+__all__ = ["build_sde", "build_network", "build_denoiser", "batch_indices", "step_generator", "EMA", "train",
+           "load_trained", "resolve_checkpoint", "main"]
+
+
+# --- building blocks from a config --------------------------------------------------------------------
+def build_sde(cfg: SDEConfig) -> SDE:
+    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name" and v is not None}
+    cls = {"vp": "VPSDE", "subvp": "SubVPSDE", "ve": "VESDE", "edm": "EDM"}[cfg.name]
+    accepted = set(inspect.signature(getattr(importlib.import_module("sdekit.sde"), cls)).parameters)
+    for key in kwargs:
+        if key not in accepted:
+            raise ConfigError(f"sde.{key} does not apply to sde.name={cfg.name!r}; it takes {sorted(accepted)}")
+    try:
+        return make_sde(cfg.name, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"sde: {e}") from None
+
+
+def build_network(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
+    """Import `module:Class` from cfg.target and build Class(data_shape, **cfg.options)."""
+    module_name, _, class_name = cfg.target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.target {cfg.target!r} cannot be imported: {e}") from None
+    params = inspect.signature(cls).parameters
+    unknown = [k for k in cfg.options if k not in params]
+    if unknown:
+        raise ConfigError(f"unknown model option 'model.options.{unknown[0]}' for {cfg.target}; it takes {list(params)[1:]}")
+    return cls(data_shape, **cfg.options)
+
+
+def build_denoiser(cfg: Config, data_shape: tuple[int, ...], net: nn.Module | None = None) -> Denoiser:
+    sde = build_sde(cfg.sde)
+    sigma_data = cfg.sde.sigma_data if (cfg.model.prediction == "edm" and cfg.sde.sigma_data) else cfg.model.sigma_data
+    return Denoiser(net if net is not None else build_network(cfg.model, data_shape), sde, cfg.model.prediction, sigma_data)
+
+
+def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
+    """The generator of optimisation step `step`: independent streams per step, reproducible from (seed, step)."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1))
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
+    """Indices (batch,) of step `step` when the data are visited in per-epoch random permutations.
+
+    Position p = step * batch + i lies in epoch p // n at offset p % n; epoch e's permutation is
+    seeded by (seed, e), so any step's batch is known without replaying the earlier ones.
+    """
+    pos = torch.arange(step * batch, (step + 1) * batch)
+    epochs, offsets = pos // n, pos % n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in torch.unique(epochs).tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        mask = epochs == e
+        out[mask] = perm[offsets[mask]]
+    return out
+
+
+class EMA:
+    """Exponential moving average of parameters, in float32, identical on every process (same updates)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        # Warm-up of the decay so that early averages are not dominated by the random initialisation.
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise CheckpointError(f"EMA weights do not match the model: differing keys {sorted(missing)[:5]}")
+        for k, v in state.items():
+            if v.shape != self.shadow[k].shape:
+                raise CheckpointError(f"EMA weight {k!r} has shape {tuple(v.shape)}, the model needs {tuple(self.shadow[k].shape)}")
+            self.shadow[k].copy_(v)
+
+
+def lr_lambda(cfg) -> callable:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+def _load_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not fit this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{where}: weight {k!r} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)} "
+                                  "(was the checkpoint trained with another model config?)")
+    model.load_state_dict(state)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the newest valid checkpoint of a run folder."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint or run folder at {path}")
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"run folder {path} holds no valid checkpoint")
+    return found
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progress: bool = True) -> dict:
+    """Train per `cfg`; returns {'run_dir', 'step', 'checkpoint', 'loss'}. Multi-process under `accelerate launch`."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    tc = cfg.train
+    accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if tc.batch_size % (world * tc.grad_accum):
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by processes x train.grad_accum = {world} x {tc.grad_accum}")
+    micro = tc.batch_size // (world * tc.grad_accum)
+    run_dir = Path(tc.out_dir)
+
+    data = load_dataset(cfg.data.name, cfg.data.n_train, cfg.data.seed, cfg.data.path, **cfg.data.options)
+    data_shape = tuple(data.shape[1:])
+    torch.manual_seed(tc.seed)  # network initialisation: identical on every process
+    denoiser = build_denoiser(cfg, data_shape)
+    net = denoiser.net
+    optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    ema = EMA(net, tc.ema_decay)
+    start = 0
+    if resume is not None:
+        ckpt = resolve_checkpoint(resume)
+        groups, state = load_checkpoint(ckpt)
+        _load_weights(net, groups["model"], str(ckpt))
+        ema.load_state_dict(groups["ema"])
+        optimizer.load_state_dict(optimizer_from_tensors(groups["optimizer"], state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        if accelerator.is_main_process:
+            print(f"resumed from {ckpt} at step {start}")
+    # Only the raw network is wrapped (DDP needs its forward called); the scheduler is stepped by hand so that
+    # its schedule does not depend on the number of processes.
+    net, optimizer = accelerator.prepare(net, optimizer)
+    denoiser.net = net
+    device = accelerator.device
+    data = data.to(device)
+    sde = denoiser.sde
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
+    log_path = run_dir / "log.jsonl"
+    bad_streak, last_loss, ckpt_path = 0, float("nan"), None
+
+    def save(step: int) -> Path | None:
+        path = None
+        if accelerator.is_main_process:
+            opt_tensors, opt_meta = optimizer_to_tensors(optimizer.state_dict())
+            raw = accelerator.unwrap_model(net)
+            path = save_checkpoint(run_dir, step, {"model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors},
+                                   {"config": to_dict(cfg), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                                    "data_shape": list(data_shape), "world_size": world,
+                                    "rng": f"keyed by (train.seed={tc.seed}, step); no global RNG state is used"})
+            prune_checkpoints(run_dir, tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and accelerator.is_main_process),
+               desc="train", dynamic_ncols=True)
+    for step in bar:
+        gen = step_generator(tc.seed, step)
+        idx = batch_indices(data.shape[0], tc.batch_size, step, cfg.data.seed + tc.seed)
+        t_all = sample_t(sde, tc.batch_size, gen, cfg.loss.t_sampling, cfg.loss.P_mean, cfg.loss.P_std, dtype=data.dtype)
+        noise_all = torch.randn((tc.batch_size, *data_shape), generator=gen, dtype=data.dtype)
+        total = torch.zeros((), device=device)
+        net.train()
+        for k in range(tc.grad_accum):
+            part = slice((k * world + rank) * micro, (k * world + rank + 1) * micro)
+            x0, t, noise = data[idx[part].to(device)], t_all[part].to(device), noise_all[part].to(device)
+            sync = accelerator.no_sync(net) if k < tc.grad_accum - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                loss = dsm_loss(denoiser, x0, t, noise, cfg.loss.weighting, cfg.loss.min_snr_gamma).mean() / tc.grad_accum
+            accelerator.backward(loss)
+            total += loss.detach().float()
+        grad_norm = accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        # Every process must agree whether to step, or the replicas diverge.
+        finite = accelerator.gather(torch.stack([total, torch.as_tensor(grad_norm, device=device).float()]).reshape(1, 2))
+        if bool(torch.isfinite(finite).all()):
+            optimizer.step()
+            bad_streak = 0
+        else:
+            bad_streak += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_streak} in a row)")
+            if bad_streak >= tc.max_bad_steps:
+                optimizer.zero_grad(set_to_none=True)
+                last = latest_checkpoint(run_dir)
+                raise FloatingPointError(f"{bad_streak} consecutive non-finite losses at step {step}; stopping. "
+                                         f"Last good checkpoint: {last}. Lower train.lr or check the data.")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        ema.update(accelerator.unwrap_model(net), step)
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            last_loss = float(finite[:, 0].mean())
+            if accelerator.is_main_process:
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0]}) + "\n")
+        if done % tc.ckpt_every == 0 or done == tc.steps:
+            ckpt_path = save(done)
+    bar.close()
+    if accelerator.is_main_process and log_path.is_file():
+        _plot_loss(log_path, run_dir / "loss.png")
+    return {"run_dir": str(run_dir), "step": tc.steps, "checkpoint": str(ckpt_path) if ckpt_path else None, "loss": last_loss}
+
+
+def _plot_loss(log_path: Path, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="DSM loss", yscale="log", title="training loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def load_trained(path: str | Path, use_ema: bool = True, device="cpu") -> tuple[Denoiser, Config, Path]:
+    """A trained denoiser (score_fn) from a checkpoint or run folder, with its config and checkpoint path."""
+    ckpt = resolve_checkpoint(path)
+    groups, state = load_checkpoint(ckpt, ["ema" if use_ema else "model"])
+    cfg = from_dict(state["config"])
+    denoiser = build_denoiser(cfg, tuple(state["data_shape"]))
+    _load_weights(denoiser.net, groups["ema" if use_ema else "model"], str(ckpt))
+    return denoiser.to(device).eval(), cfg, ckpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sdekit train", description="Train a denoising score-matching model.")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--resume", help="checkpoint folder, or run folder (its newest valid checkpoint)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=2000")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, CheckpointError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result["checkpoint"]:
+        print(f"trained {result['step']} steps, final loss {result['loss']:.4f}; checkpoint {result['checkpoint']}")
+    return 0
