@@ -14,9 +14,14 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, broadcast_like
+from .ddim import ddim
+from .dpm_solver import dpmpp_2m
+from .edm import edm
 from .grids import GRIDS, make_grid
-from .ode import heun, ode_euler
+from .ode import heun, ode_euler, rk4
+from .pc import pc, pc_noise_draws
 from .reverse_sde import euler_maruyama
+from .rk45 import rk45
 
 __all__ = ["sample", "SAMPLERS", "SamplerSpec", "CountingScore"]
 
@@ -27,13 +32,21 @@ class SamplerSpec:
     default_steps: int | None      # None: adaptive, steps are ignored
     default_grid: str = "uniform"
     stochastic: bool = False
-    order: float | None = None     # nominal convergence order (deterministic samplers)
+    order: float | None = None     # nominal convergence order (deterministic samplers, or deterministic settings)
+    noise_draws: Callable[[int, dict], int] = lambda steps, options: steps  # rows of `noise` for `steps` steps
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "euler_maruyama": SamplerSpec(euler_maruyama, 500, "uniform", stochastic=True, order=0.5),
+    "pc": SamplerSpec(pc, 250, "uniform", stochastic=True,
+                      noise_draws=lambda steps, options: pc_noise_draws(steps, options.get("n_corrector", 1))),
     "ode_euler": SamplerSpec(ode_euler, 200, "uniform", order=1.0),
     "heun": SamplerSpec(heun, 50, "uniform", order=2.0),
+    "rk4": SamplerSpec(rk4, 25, "uniform", order=4.0),
+    "rk45": SamplerSpec(rk45, None, "uniform", order=5.0),
+    "ddim": SamplerSpec(ddim, 100, "log_snr", stochastic=True, order=1.0),        # deterministic at eta=0
+    "dpmpp_2m": SamplerSpec(dpmpp_2m, 25, "log_snr", order=2.0),
+    "edm": SamplerSpec(edm, 32, "edm", stochastic=True, order=2.0),               # deterministic at S_churn=0
 }
 
 
@@ -48,11 +61,14 @@ class CountingScore:
         return self.score_fn(x, t)
 
 
+_RESERVED = {"generator", "noise", "callback", "info"}   # passed by sample() itself, never as options
+
+
 def _check_options(name: str, fn: Callable, options: dict) -> None:
-    accepted = {p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+    accepted = {p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY} - _RESERVED
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise TypeError(f"sampler {name!r} got unknown option(s) {unknown}; it accepts {sorted(accepted - {'generator', 'noise', 'callback', 'info'})}")
+        raise TypeError(f"sampler {name!r} got unknown option(s) {unknown}; it accepts {sorted(accepted)}")
 
 
 def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "euler_maruyama", steps: int | None = None,
@@ -64,7 +80,8 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
 
     score_fn(x: (B, *S), t: (B,)) -> (B, *S), the score grad_x log p_t(x).
     shape: (B, *S). x_T defaults to sde.prior_sample(shape, generator=generator).
-    noise: (N, B, *S) standard normals for stochastic samplers (the path is then a deterministic function).
+    noise: (N, B, *S) standard normals for stochastic samplers (the path is then a deterministic function);
+    pc takes N * (1 + n_corrector) rows (predictor, then its correctors, for each step).
     ts: explicit decreasing time grid (N+1,), else `grid` ('uniform', 'log_snr', 'edm') with `steps` steps.
     denoise: end with the Tweedie step x0 = (x + sigma^2 score) / alpha at t_min (one extra NFE).
     Returns x: (B, *S); with return_trajectory, also the (N+1, B, *S) stack of states; with return_info,
@@ -98,8 +115,10 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     if noise is not None:
         if not spec.stochastic:
             raise ValueError(f"sampler {sampler!r} is deterministic and takes no noise")
-        if tuple(noise.shape[1:]) != shape or noise.shape[0] < len(ts) - 1:
-            raise ValueError(f"noise must be (N, *shape) = ({len(ts) - 1}, {', '.join(map(str, shape))}), got {tuple(noise.shape)}")
+        draws = spec.noise_draws(len(ts) - 1, options)
+        if tuple(noise.shape[1:]) != shape or noise.shape[0] < draws:
+            raise ValueError(f"noise for sampler {sampler!r} must have shape ({draws}, {', '.join(map(str, shape))}), "
+                             f"got {tuple(noise.shape)}")
 
     counted = CountingScore(score_fn)
     trajectory = [x_T] if return_trajectory else None

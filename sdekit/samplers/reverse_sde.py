@@ -7,14 +7,18 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, broadcast_like
+from .noise import check_noise, step_noise
 
-__all__ = ["euler_maruyama"]
+__all__ = ["euler_maruyama", "em_step"]
 
 
-def _step_noise(noise: Tensor | None, i: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
-    if noise is not None:
-        return noise[i]
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+def em_step(score_fn: Callable, sde: SDE, x: Tensor, t: Tensor, t_next: Tensor, z: Tensor) -> Tensor:
+    """One Euler-Maruyama step of the reverse SDE from scalar t to t_next < t with standard normal z: (B, *S)."""
+    dt = t_next - t                                                # negative
+    tb = t.expand(x.shape[0])
+    drift = sde.reverse_drift(x, tb, score_fn(x, tb))
+    g = broadcast_like(sde.diffusion(tb), x)
+    return x + drift * dt + g * torch.sqrt(-dt) * z
 
 
 def euler_maruyama(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, generator: torch.Generator | None = None,
@@ -22,15 +26,11 @@ def euler_maruyama(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, gener
     """Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6).
 
     x: (B, *S) at ts[0]; ts: (N+1,) decreasing; noise: (N, B, *S) standard normals (drawn from
-    generator when None). Returns x at ts[-1].
+    generator when None). Returns x at ts[-1]. One NFE per step.
     """
+    check_noise(noise, len(ts) - 1, x, "euler_maruyama")
     for i in range(len(ts) - 1):
-        t, t_next = ts[i], ts[i + 1]
-        dt = t_next - t                                            # negative
-        tb = t.expand(x.shape[0])
-        drift = sde.reverse_drift(x, tb, score_fn(x, tb))
-        g = broadcast_like(sde.diffusion(tb), x)
-        x = x + drift * dt + g * torch.sqrt(-dt) * _step_noise(noise, i, x, generator)
+        x = em_step(score_fn, sde, x, ts[i], ts[i + 1], step_noise(noise, i, x, generator))
         if callback is not None:
-            callback(i, t_next, x)
+            callback(i, ts[i + 1], x)
     return x
