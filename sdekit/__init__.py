@@ -1,6 +1,7 @@
 """sdekit: diffusion models and SDEs through the reparameterization (pathwise) view."""
 from . import data
 from .data import GaussianMixture
+from .likelihood import log_likelihood
 from .samplers import SAMPLERS, sample
 from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE, make_sde
 
@@ -8,5 +9,6 @@ __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "make_sde",
     "GaussianMixture", "data",
     "sample", "SAMPLERS",
+    "log_likelihood",
 ]
 __version__ = "0.1.0"

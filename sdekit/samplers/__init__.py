@@ -109,7 +109,8 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         ts = torch.as_tensor(ts, dtype=x_T.dtype, device=x_T.device)
         if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()):
             raise ValueError(f"ts must be a strictly decreasing 1-D grid with at least 2 points, got shape {tuple(ts.shape)}")
-    lo, hi = sde.t_min - 1e-9 * max(1.0, abs(sde.t_min)), sde.t_max * (1 + 1e-7) + 1e-12
+    tol = 4 * torch.finfo(ts.dtype).eps  # the grid's ends are t_min/t_max rounded to its dtype
+    lo, hi = sde.t_min * (1 - tol) - 1e-12, sde.t_max * (1 + tol) + 1e-12
     if float(ts[-1]) < lo or float(ts[0]) > hi:
         raise ValueError(f"time grid [{float(ts[-1])}, {float(ts[0])}] leaves the SDE's interval [{sde.t_min}, {sde.t_max}]")
     if noise is not None:

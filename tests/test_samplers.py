@@ -1,0 +1,221 @@
+"""Samplers against exact Gaussian-mixture oracles: convergence orders, reproduced mixtures, argument errors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sdekit
+from sdekit.samplers import SAMPLERS, sample
+from sdekit.samplers.rk45 import dopri5
+
+SDES = {
+    "vp": lambda: sdekit.VPSDE(),
+    "vp_cosine": lambda: sdekit.VPSDE(schedule="cosine"),
+    "subvp": lambda: sdekit.SubVPSDE(),
+    "ve": lambda: sdekit.VESDE(),
+    "edm": lambda: sdekit.EDM(),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny batched linear algebra: thread hand-off costs more than the work on a shared machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mixture(dtype=torch.float64) -> sdekit.GaussianMixture:
+    """Three anisotropic, unequally weighted modes (close enough for curved probability-flow paths)."""
+    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=dtype)
+    covs = torch.tensor([[0.3, 0.1], [0.2, 0.4], [0.25, 0.25]], dtype=dtype)
+    return sdekit.GaussianMixture(means, covs, torch.tensor([0.5, 0.3, 0.2], dtype=dtype))
+
+
+def fitted_slope(sampler: str, sde, grid: str, steps: list[int], options: dict | None = None) -> tuple[float, list[float]]:
+    """Least-squares slope of log RMS error against log NFE, error against a float64 rk45 reference
+    (rtol = atol = 1e-9) from the same 64 draws of x_T."""
+    gmm = mixture()
+    score = gmm.score_fn(sde)
+    x_T = sde.prior_sample((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = sample(score, sde, (64, 2), "rk45", x_T=x_T, rtol=1e-9, atol=1e-9)
+    nfes, errs = [], []
+    for n in steps:
+        x, info = sample(score, sde, (64, 2), sampler, steps=n, grid=grid, x_T=x_T, return_info=True, **(options or {}))
+        nfes.append(info["nfe"])
+        errs.append(float((x - ref).pow(2).sum(1).mean().sqrt()))
+    slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
+    return float(slope), errs
+
+
+# (sampler, grid, steps, options, nominal order). The step ranges are where the asymptotic regime holds on
+# this mixture (checked down to 8 steps, where Euler-type errors are still pre-asymptotic) while staying
+# two or more orders of magnitude above the reference's own error (~1e-9).
+CONVERGENCE = [
+    ("ode_euler", "uniform", [64, 128, 256, 512], {}, 1.0),
+    ("heun", "uniform", [64, 128, 256, 512], {}, 2.0),
+    ("rk4", "uniform", [16, 32, 64, 128], {}, 4.0),
+    ("ddim", "log_snr", [32, 64, 128, 256, 512], {"eta": 0.0}, 1.0),
+    ("dpmpp_2m", "log_snr", [32, 64, 128, 256, 512], {}, 2.0),
+    ("edm", "edm", [32, 64, 128, 256], {"S_churn": 0.0}, 2.0),
+]
+
+
+@pytest.mark.parametrize("sampler,grid,steps,options,order", CONVERGENCE, ids=[c[0] for c in CONVERGENCE])
+def test_convergence_order_vp(sampler, grid, steps, options, order):
+    """Slope of log error vs log NFE on VPSDE (linear beta), fitted on the stated step range: nominal +- 0.3."""
+    slope, errs = fitted_slope(sampler, SDES["vp"](), grid, steps, options)
+    assert abs(slope - order) <= 0.3, f"{sampler}: fitted slope {slope:.2f}, nominal {order}; errors {errs}"
+
+
+@pytest.mark.parametrize("sde_name", ["vp_cosine", "subvp", "ve", "edm"])
+@pytest.mark.parametrize("sampler,order", [("ddim", 1.0), ("dpmpp_2m", 2.0)])
+def test_exponential_integrators_any_sde(sde_name, sampler, order):
+    """ddim and dpmpp_2m read (alpha_t, sigma_t) only, so their orders hold under every SDE (log-SNR grid, 32..512 steps)."""
+    slope, errs = fitted_slope(sampler, SDES[sde_name](), "log_snr", [32, 64, 128, 256, 512])
+    assert abs(slope - order) <= 0.3, f"{sampler} on {sde_name}: fitted slope {slope:.2f}, nominal {order}; errors {errs}"
+
+
+def test_rk45_meets_tolerance_and_reports_steps():
+    """rk45 at rtol 1e-6 is within ~1e-5 of the 1e-10 solution, and tighter tolerances cost more accepted steps."""
+    sde, gmm = SDES["vp"](), mixture()
+    x_T = sde.prior_sample((32, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = sample(gmm.score_fn(sde), sde, (32, 2), "rk45", x_T=x_T, rtol=1e-10, atol=1e-10)
+    x, info = sample(gmm.score_fn(sde), sde, (32, 2), "rk45", x_T=x_T, rtol=1e-6, atol=1e-6, return_info=True)
+    _, tight = sample(gmm.score_fn(sde), sde, (32, 2), "rk45", x_T=x_T, rtol=1e-9, atol=1e-9, return_info=True)
+    assert float((x - ref).abs().max()) < 1e-4
+    assert info["accepted"] > 0 and info["rejected"] >= 0
+    assert info["nfe"] == 2 + 6 * (info["accepted"] + info["rejected"])
+    assert tight["accepted"] > 2 * info["accepted"]
+
+
+def test_dopri5_batched_exact_solution():
+    """Batched dopri5 on dy/dt = -k y (k per sample) matches exp(-k t) at rtol 1e-8, in both time directions."""
+    k = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)[:, None]
+    f = lambda t, y: -k * y
+    y0 = torch.ones(3, 1, dtype=torch.float64)
+    y1 = dopri5(f, y0, torch.tensor([0.0, 2.0]), rtol=1e-8, atol=1e-10)
+    assert torch.allclose(y1, torch.exp(-2 * k), rtol=1e-7)
+    back = dopri5(f, y1, torch.tensor([2.0, 0.0]), rtol=1e-8, atol=1e-10)
+    assert torch.allclose(back, y0, rtol=1e-6)
+
+
+# --- stochastic samplers reproduce the mixture -------------------------------------------------------
+def separated_mixture(dtype=torch.float32) -> sdekit.GaussianMixture:
+    """Modes > 7 standard deviations apart, so assigning samples by responsibility misclassifies < 1e-4."""
+    means = torch.tensor([[-3.0, 0.0], [3.0, 1.0], [0.0, -3.5]], dtype=dtype)
+    covs = torch.tensor([[0.3, 0.1], [0.2, 0.4], [0.25, 0.25]], dtype=dtype)
+    return sdekit.GaussianMixture(means, covs, torch.tensor([0.5, 0.3, 0.2], dtype=dtype))
+
+
+STOCHASTIC = [
+    ("euler_maruyama", "vp", {}, 500),
+    ("pc", "vp", {"snr": 0.16, "n_corrector": 1}, 250),
+    ("pc", "ve", {"snr": 0.16, "n_corrector": 1}, 250),
+    ("ddim", "vp", {"eta": 1.0}, 200),
+    ("edm", "edm", {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.0}, 64),
+]
+
+
+@pytest.mark.parametrize("sampler,sde_name,options,steps", STOCHASTIC, ids=[f"{s[0]}-{s[1]}" for s in STOCHASTIC])
+def test_stochastic_sampler_reproduces_mixture(sampler, sde_name, options, steps):
+    """n = 6000 samples with the exact score: per-mode weights, means and variances within 4.5 standard errors
+    of the mixture diffused to t_min (binomial SE for weights, sqrt(var/n_k) for means, var sqrt(2/n_k) for variances)."""
+    sde, gmm = SDES[sde_name](), separated_mixture()
+    n = 6000
+    x = sample(gmm.score_fn(sde), sde, (n, 2), sampler, steps=steps, generator=torch.Generator().manual_seed(3), **options)
+    assert torch.isfinite(x).all()
+    t_min = torch.tensor(sde.t_min)
+    alpha, sigma = (float(v) for v in sde.marginal(t_min))
+    labels = gmm.responsibilities(x, t_min, sde).argmax(1)
+    for k in range(gmm.n_components):
+        w = float(gmm.weights[k])
+        nk = int((labels == k).sum())
+        assert abs(nk / n - w) <= 4.5 * math.sqrt(w * (1 - w) / n), f"{sampler}: mode {k} weight {nk / n:.4f} vs {w}"
+        xk = x[labels == k].double()
+        mean = alpha * gmm.means[k].double()
+        var = alpha**2 * torch.diagonal(gmm.covs[k]).double() + sigma**2
+        se_mean = (var / nk).sqrt()
+        assert ((xk.mean(0) - mean).abs() <= 4.5 * se_mean).all(), f"{sampler}: mode {k} mean {xk.mean(0)} vs {mean}"
+        se_var = var * math.sqrt(2 / nk)
+        assert ((xk.var(0) - var).abs() <= 4.5 * se_var).all(), f"{sampler}: mode {k} variance {xk.var(0)} vs {var}"
+
+
+def test_wrong_sampler_fails_the_mixture_check():
+    """The check above can fail: a score at the wrong scale (x2) gives too-narrow modes."""
+    sde, gmm = SDES["vp"](), separated_mixture()
+    wrong = lambda x, t: 2.0 * gmm.score(x, t, sde)
+    x = sample(wrong, sde, (2000, 2), "euler_maruyama", steps=200, generator=torch.Generator().manual_seed(0))
+    labels = gmm.responsibilities(x).argmax(1)
+    assert float(x[labels == 0].var(0)[0]) < 0.8 * float(gmm.covs[0, 0, 0])
+
+
+# --- explicit noise, bookkeeping --------------------------------------------------------------------
+@pytest.mark.parametrize("sampler,options", [("euler_maruyama", {}), ("pc", {"n_corrector": 2}), ("ddim", {"eta": 0.5}),
+                                             ("edm", {"S_churn": 10.0})])
+def test_explicit_noise_makes_sampler_deterministic(sampler, options):
+    sde, gmm = SDES["vp"](), separated_mixture()
+    steps = 20
+    draws = SAMPLERS[sampler].noise_draws(steps, options)
+    noise = torch.randn(draws, 16, 2, generator=torch.Generator().manual_seed(5))
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(6))
+    a = sample(gmm.score_fn(sde), sde, (16, 2), sampler, steps=steps, x_T=x_T, noise=noise, **options)
+    b = sample(gmm.score_fn(sde), sde, (16, 2), sampler, steps=steps, x_T=x_T, noise=noise.clone(),
+               generator=torch.Generator().manual_seed(99), **options)
+    c = sample(gmm.score_fn(sde), sde, (16, 2), sampler, steps=steps, x_T=x_T, noise=torch.randn_like(noise), **options)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("sampler,per_step", [("euler_maruyama", 1), ("pc", 2), ("ode_euler", 1), ("heun", 2), ("rk4", 4),
+                                              ("ddim", 1), ("dpmpp_2m", 1), ("edm", 2)])
+def test_nfe_and_trajectory(sampler, per_step):
+    sde, gmm = SDES["vp"](), separated_mixture()
+    seen = []
+    x, traj, info = sample(gmm.score_fn(sde), sde, (8, 2), sampler, steps=7, return_trajectory=True, return_info=True,
+                           generator=torch.Generator().manual_seed(0), callback=lambda i, t, x: seen.append(i))
+    assert info["nfe"] == 7 * per_step
+    assert traj.shape == (8, 8, 2) and torch.equal(traj[-1], x)
+    assert seen == list(range(7))
+
+
+def test_every_registered_sampler_runs_every_sde():
+    for sde_name, make in SDES.items():
+        sde, gmm = make(), separated_mixture()
+        for name in SAMPLERS:
+            x = sample(gmm.score_fn(sde), sde, (4, 2), name, steps=5, generator=torch.Generator().manual_seed(0))
+            assert x.shape == (4, 2) and torch.isfinite(x).all(), f"{name} on {sde_name}"
+
+
+# --- bad arguments --------------------------------------------------------------------------------------
+def test_bad_arguments_raise_clear_errors():
+    sde, gmm = SDES["vp"](), separated_mixture()
+    score = gmm.score_fn(sde)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        sample(score, sde, (4, 2), "heun", steps=0)
+    with pytest.raises(ValueError, match="rtol must be"):
+        sample(score, sde, (4, 2), "rk45", rtol=0.0)
+    with pytest.raises(ValueError, match="rtol must be"):
+        sample(score, sde, (4, 2), "rk45", rtol=-1e-3)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['snr'\]"):
+        sample(score, sde, (4, 2), "ddim", snr=0.1)
+    with pytest.raises(TypeError, match="unknown option"):
+        sample(score, sde, (4, 2), "rk4", info={})
+    with pytest.raises(ValueError, match=r"noise for sampler 'euler_maruyama' must have shape \(10, 4, 2\)"):
+        sample(score, sde, (4, 2), "euler_maruyama", steps=10, noise=torch.randn(10, 4, 3))
+    with pytest.raises(ValueError, match=r"must have shape \(20, 4, 2\)"):
+        sample(score, sde, (4, 2), "pc", steps=10, noise=torch.randn(10, 4, 2))
+    with pytest.raises(ValueError, match="deterministic and takes no noise"):
+        sample(score, sde, (4, 2), "heun", steps=10, noise=torch.randn(10, 4, 2))
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(score, sde, (4, 2), "dpm3")
+    with pytest.raises(ValueError, match="eta must be in"):
+        sample(score, sde, (4, 2), "ddim", eta=1.5)
+    with pytest.raises(ValueError, match="n_corrector"):
+        sample(score, sde, (4, 2), "pc", n_corrector=-1)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        SAMPLERS["euler_maruyama"].fn(score, sde, torch.zeros(4, 2), torch.linspace(1, 0.01, 6), noise=torch.randn(3, 4, 2))
