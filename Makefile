@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 
 demo: .venv/installed
 	$(PY) train.py --config configs/ring.yaml
-	$(PY) sample.py --checkpoint runs/ring/checkpoint --out runs/ring/samples
+	$(PY) sample.py --run runs/ring
 
 test: .venv/installed
 	$(PY) -m pytest -q

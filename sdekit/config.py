@@ -170,6 +170,11 @@ def _check_value(key: str, value: Any, tp) -> Any:
                 pass
         raise ConfigError(f"{key}: {value!r} has the wrong type; expected {tp}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
         return float(value)

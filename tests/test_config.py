@@ -1,0 +1,59 @@
+"""Config parsing: YAML, overrides, and errors that name the bad key or value."""
+from pathlib import Path
+
+import pytest
+
+from sdekit.config import ConfigError, load_config
+from sdekit.training import build_network, build_sde
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_build(path):
+    cfg = load_config(path)
+    build_sde(cfg.sde)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(ROOT / "configs/ring.yaml", ["train.lr=1e-3", "train.steps=7", "sample.denoise=true", "sde.beta_max=10"])
+    assert cfg.train.lr == 1e-3 and cfg.train.steps == 7 and cfg.sample.denoise is True and cfg.sde.beta_max == 10.0
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.lerning_rate=1"], "unknown config key 'train.lerning_rate'"),
+    (["trian.steps=1"], "unknown config key 'trian'"),
+    (["train.steps=abc"], "train.steps must be an integer"),
+    (["train.steps=0"], "train.steps must be > 0"),
+    (["train.lr=-1"], "train.lr must be > 0"),
+    (["train.ema_decay=1.5"], "train.ema_decay"),
+    (["sde.name=vq"], "sde.name = 'vq' is not allowed"),
+    (["model.prediction=noise"], "model.prediction"),
+    (["sample.steps=0"], "sample.steps must be >= 1"),
+    (["sample.denoise=3"], "sample.denoise must be true or false"),
+    (["train.steps"], "must look like section.key=value"),
+])
+def test_errors_name_the_problem(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(ROOT / "configs/ring.yaml", override)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_sde_and_model_options_are_checked():
+    cfg = load_config(ROOT / "configs/ring.yaml", ["sde.sigma_max=3"])
+    with pytest.raises(ConfigError, match="sde.sigma_max does not apply"):
+        build_sde(cfg.sde)
+    cfg = load_config(ROOT / "configs/ring.yaml", ["model.options.widht=3"])
+    with pytest.raises(ConfigError, match="model.options.widht"):
+        build_network(cfg.model, (2,))
+    cfg = load_config(ROOT / "configs/ring.yaml", ["model.target=models.nothere:Net"])
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        build_network(cfg.model, (2,))

@@ -1,0 +1,74 @@
+"""Training end to end on a toy mixture, checkpoints, and exact resume."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdekit.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from sdekit.config import load_config
+from sdekit.data import ring
+from sdekit.metrics import mode_weights
+from sdekit.samplers import sample
+from sdekit.training import _load_weights, batch_indices, build_network, load_trained, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(ROOT / "configs/ring.yaml", [f"train.out_dir={tmp_path}", "model.options.hidden=64",
+                                                    "data.options.n_modes=4", *overrides])
+
+
+def test_small_run_reaches_every_mode(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=1200", "train.ckpt_every=400", "train.batch_size=256", "train.ema_decay=0.99")
+    result = train(cfg, progress=False)
+    assert result["step"] == 1200 and len(list_checkpoints(tmp_path)) == 3
+    den, loaded_cfg, _ = load_trained(tmp_path)
+    assert loaded_cfg == cfg
+    with torch.no_grad():
+        x = sample(den, den.sde, (2000, 2), sampler="heun", steps=40, generator=torch.Generator().manual_seed(0))
+    w = mode_weights(x, ring(n_modes=4))
+    assert (w > 0.15).all(), w            # every mode of four is reached (0.25 each in the data)
+    assert (w - 0.25).abs().max() < 0.06, w
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "config.json").is_file()
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    common = ("train.steps=60", "train.batch_size=64", "train.log_every=10", "train.ckpt_every=30", "train.keep_checkpoints=5")
+    train(_cfg(tmp_path / "full", *common), progress=False)
+    # an interrupted run: stop at 30 (as a killed run leaves its checkpoint), then resume to 60
+    train(_cfg(tmp_path / "part", *common[:-2], "train.steps=30", "train.ckpt_every=30"), progress=False)
+    train(_cfg(tmp_path / "part", *common), resume=tmp_path / "part", progress=False)
+    full, _ = load_checkpoint(tmp_path / "full/checkpoints/step_00000060")
+    part, _ = load_checkpoint(tmp_path / "part/checkpoints/step_00000060")
+    for group in ("model", "ema", "optimizer"):
+        assert full[group].keys() == part[group].keys()
+        for k in full[group]:
+            assert torch.equal(full[group][k], part[group][k]), (group, k)
+
+
+def test_batch_indices_cover_each_epoch_once():
+    n, b = 50, 16
+    seen = torch.cat([batch_indices(n, b, s, seed=3) for s in range(25)])  # 400 positions = 8 epochs
+    for e in range(8):
+        assert sorted(seen[e * n:(e + 1) * n].tolist()) == list(range(n))
+    assert torch.equal(batch_indices(n, b, 7, 3), batch_indices(n, b, 7, 3))
+
+
+def test_corrupted_and_mismatched_checkpoints_are_refused(tmp_path):
+    train(_cfg(tmp_path, "train.steps=10", "train.batch_size=32", "train.ckpt_every=10"), progress=False)
+    ckpt = list_checkpoints(tmp_path)[-1]
+    with pytest.raises(CheckpointError, match="another model config|do not fit"):
+        cfg = _cfg(tmp_path, "model.options.hidden=32")
+        _load_weights(build_network(cfg.model, (2,)), load_checkpoint(ckpt)[0]["model"], str(ckpt))
+    blob = ckpt / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        load_trained(tmp_path)
