@@ -21,25 +21,52 @@ from .data import EXACT_MIXTURES, load_dataset
 from .metrics import mmd, mode_weight_error, mode_weights, sliced_wasserstein
 from .samplers import sample
 
-__all__ = ["draw_samples", "evaluate_toy", "plot_toy", "main"]
+__all__ = ["draw_samples", "gather_batches", "evaluate_toy", "plot_toy", "main"]
 
 
-def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progress: bool = True) -> tuple[Tensor, dict]:
-    """cfg.sample.n_samples samples (N, *S) in batches, each batch from its own seeded generator."""
+def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progress: bool = True,
+                 rank: int = 0, world: int = 1) -> tuple[Tensor, dict]:
+    """cfg.sample.n_samples samples (N, *S) in batches, batch b drawn with the generator seeded by (seed, b).
+
+    With world > 1, this process draws batches b = rank, rank + world, ... and the result has only those
+    (concatenated in batch order); `gather_batches` reassembles the full set, identical to one process.
+    """
     from tqdm.auto import tqdm
 
     sc = cfg.sample
     out, nfe, start = [], 0, time.perf_counter()
-    n_batches = -(-sc.n_samples // sc.batch_size)
-    for b in tqdm(range(n_batches), desc="sample", disable=not progress or n_batches == 1):
+    mine = list(range(rank, -(-sc.n_samples // sc.batch_size), world))
+    for b in tqdm(mine, desc="sample", disable=not progress or len(mine) == 1):
         n = min(sc.batch_size, sc.n_samples - b * sc.batch_size)
         gen = torch.Generator().manual_seed(sc.seed * 1_000_003 + b)
+        x_T = sde.prior_sample((n, *data_shape), generator=gen)
         with torch.no_grad():
             x, info = sample(score_fn, sde, (n, *data_shape), sampler=sc.sampler, steps=sc.steps, generator=gen,
-                             grid=sc.grid, denoise=sc.denoise, return_info=True, **sc.options)
-        out.append(x)
+                             x_T=x_T.to(_device_of(score_fn)), grid=sc.grid, denoise=sc.denoise, return_info=True, **sc.options)
+        out.append(x.cpu())
         nfe = info["nfe"]
-    return torch.cat(out), {"nfe_per_sample": nfe, "seconds": time.perf_counter() - start}
+    local = torch.cat(out) if out else torch.empty((0, *data_shape))
+    return local, {"nfe_per_sample": nfe, "seconds": time.perf_counter() - start, "processes": world}
+
+
+def _device_of(score_fn) -> torch.device:
+    params = getattr(score_fn, "parameters", None)
+    first = next(params(), None) if params else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def gather_batches(local: Tensor, cfg: Config, world: int) -> Tensor:
+    """Reassemble batches drawn round-robin by `world` processes into batch order (call on every process)."""
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    bs = cfg.sample.batch_size
+    n_batches = -(-cfg.sample.n_samples // bs)
+    chunks = {r: list(torch.split(parts[r], bs)) for r in range(world)}
+    return torch.cat([chunks[b % world][b // world] for b in range(n_batches)])
 
 
 def evaluate_toy(samples: Tensor, cfg: Config) -> dict:
@@ -117,10 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
+    state = PartialState()  # one process, or one of several under `accelerate launch` / torchrun
+    denoiser = denoiser.to(state.device)
     out = Path(args.out) if args.out else Path(args.run) / "samples"
-    out.mkdir(parents=True, exist_ok=True)
     data_shape = tuple(json.loads((ckpt / "state.json").read_text())["data_shape"])
-    samples, timing = draw_samples(denoiser, denoiser.sde, cfg, data_shape, progress=not args.no_progress)
+    local, timing = draw_samples(denoiser, denoiser.sde, cfg, data_shape, progress=not args.no_progress and state.is_main_process,
+                                 rank=state.process_index, world=state.num_processes)
+    samples = gather_batches(local, cfg, state.num_processes)
+    if not state.is_main_process:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": samples.contiguous()}, str(out / "samples.safetensors"))
     metrics = {"checkpoint": str(ckpt), "sampler": cfg.sample.sampler, **timing}
     if len(data_shape) == 1 and data_shape[0] == 2:

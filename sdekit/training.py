@@ -159,7 +159,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 # --- the loop ---------------------------------------------------------------------------------------
 def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progress: bool = True) -> dict:
-    """Train per `cfg`; returns {'run_dir', 'step', 'checkpoint', 'loss'}. Multi-process under `accelerate launch`."""
+    """Train per `cfg`. Multi-process under `accelerate launch` or torchrun.
+
+    Returns {'run_dir', 'step', 'checkpoint' (final, or None on non-main processes), 'loss' (last logged),
+    'model' (this process's trained network), 'ema' (EMA weights as a state dict)}.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -263,7 +267,8 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     bar.close()
     if accelerator.is_main_process and log_path.is_file():
         _plot_loss(log_path, run_dir / "loss.png")
-    return {"run_dir": str(run_dir), "step": tc.steps, "checkpoint": str(ckpt_path) if ckpt_path else None, "loss": last_loss}
+    return {"run_dir": str(run_dir), "step": tc.steps, "checkpoint": str(ckpt_path) if ckpt_path else None, "loss": last_loss,
+            "model": accelerator.unwrap_model(net), "ema": ema.state_dict()}
 
 
 def _plot_loss(log_path: Path, out: Path) -> None:

@@ -1,0 +1,17 @@
+"""Worker for tests/test_distributed.py: train from a config, then save this process's own parameters."""
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+from safetensors.torch import save_file
+
+from sdekit.config import load_config
+from sdekit.training import train
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/ring.yaml", [f"train.out_dir={out}", *sys.argv[2:]])
+    result = train(cfg, progress=False)
+    # Every process keeps its own replica after training; save it so the test can compare ranks.
+    params = {k: v.detach().contiguous().cpu() for k, v in result["model"].state_dict().items()}
+    save_file(params, str(out / f"rank{PartialState().process_index}.safetensors"))
