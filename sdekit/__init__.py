@@ -1,5 +1,6 @@
 """sdekit: diffusion models and SDEs through the reparameterization (pathwise) view."""
 from . import data
+from . import ito, estimators
 from .data import GaussianMixture
 from .likelihood import log_likelihood
 from .samplers import SAMPLERS, sample
@@ -10,5 +11,6 @@ __all__ = [
     "GaussianMixture", "data",
     "sample", "SAMPLERS",
     "log_likelihood",
+    "ito", "estimators",
 ]
 __version__ = "0.1.0"
