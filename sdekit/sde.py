@@ -102,8 +102,10 @@ class SDE(ABC):
     def prior_sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype | None = None, device=None) -> Tensor:
         """x_T ~ N(0, prior_std^2 I) of the given shape."""
-        return self.prior_std * torch.randn(tuple(shape), generator=generator, dtype=dtype,
-                                            device=device if device is not None else (generator.device if generator is not None else None))
+        # Draw where the generator lives, then move: a CPU generator gives the same x_T on every device.
+        draw_on = generator.device if generator is not None else device
+        x = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=draw_on)
+        return self.prior_std * (x.to(device) if device is not None else x)
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
         """log N(x; 0, prior_std^2 I) per sample. x: (B, *S) -> (B,)."""

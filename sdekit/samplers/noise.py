@@ -26,4 +26,6 @@ def step_noise(noise: Tensor | None, k: int, x: Tensor, generator: torch.Generat
     """The k-th standard normal draw like x: noise[k], or a fresh draw from generator."""
     if noise is not None:
         return noise[k].to(dtype=x.dtype, device=x.device)
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    # Draw where the generator lives (a CPU generator drives a CUDA run reproducibly), then move.
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
