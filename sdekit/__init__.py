@@ -1,5 +1,5 @@
 """sdekit: diffusion models and SDEs through the reparameterization (pathwise) view."""
-from . import data
+from . import data, losses, metrics, precond
 from . import ito, estimators
 from .data import GaussianMixture
 from .likelihood import log_likelihood
@@ -8,7 +8,7 @@ from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE, make_sde
 
 __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "make_sde",
-    "GaussianMixture", "data",
+    "GaussianMixture", "data", "losses", "metrics", "precond",
     "sample", "SAMPLERS",
     "log_likelihood",
     "ito", "estimators",
