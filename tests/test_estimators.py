@@ -131,8 +131,10 @@ def test_bounds():
     torch.testing.assert_close(est.iwae(log_w[:1]), est.elbo(log_w[:1]))
     assert (est.iwae(log_w) >= est.elbo(log_w)).all()          # Jensen, for every data point
     curve = est.iwae_curve(log_w, [1, 16])
-    assert curve[1][0] == pytest.approx(est.elbo(log_w).mean().item())
-    assert curve[16][0] == pytest.approx(est.iwae(log_w).mean().item())
+    torch.testing.assert_close(curve[1], est.elbo(log_w))
+    torch.testing.assert_close(curve[16], est.iwae(log_w))
+    with pytest.raises(ValueError, match="pool size"):
+        est.iwae_curve(log_w, [32])
 
 
 def test_cli_writes_tables_json_and_plots(tmp_path, capsys):

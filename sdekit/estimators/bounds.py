@@ -31,18 +31,20 @@ def iwae(log_w: Tensor) -> Tensor:
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
-def iwae_curve(log_w: Tensor, ks: list[int]) -> dict[int, tuple[float, float]]:
-    """IWAE-K for each K in ks from one pool of weights log_w: (M, B), split into M // K disjoint groups.
+def iwae_curve(log_w: Tensor, ks: list[int]) -> dict[int, Tensor]:
+    """Per-data-point IWAE-K for each K in ks from one pool of weights log_w: (M, B) -> {K: (B,)}.
 
-    Returns {K: (mean over groups and data, standard error over data points)}. Using one pool keeps
-    the comparison between K paired, so differences are measured with far less noise than the values.
+    The pool is split into M // K disjoint groups of K and the K-sample bound is averaged over groups.
+    Using one pool keeps the comparison between K paired: differences between K carry far less noise
+    than the values themselves (compare per-point differences, not independent means).
     """
+    if log_w.ndim != 2:
+        raise ValueError(f"log_w must be (M, B), got {tuple(log_w.shape)}")
     M, B = log_w.shape
     out = {}
     for k in ks:
         if not 1 <= k <= M:
             raise ValueError(f"K={k} needs 1 <= K <= pool size {M}")
         g = M // k
-        per_point = iwae(log_w[: g * k].reshape(k, g, B)).mean(0)     # (B,) averaged over the g groups
-        out[k] = (per_point.mean().item(), (per_point.std() / math.sqrt(B)).item() if B > 1 else 0.0)
+        out[k] = iwae(log_w[: g * k].reshape(k, g, B)).mean(0)
     return out
