@@ -392,7 +392,7 @@ def run_all(seed: int = 0, scale: float = 1.0, f_name: str = "sin") -> dict:
         "w_squared": w_squared(n_paths=n(100_000), generator=gen),
         "riemann": riemann_sums(n_paths=n(20_000), generator=gen),
         "gbm": gbm_log_mean(n_paths=n(20_000), generator=gen),
-        "drift": ito_drift_curve(f, b, g, [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], n_paths=n(100_000), generator=gen),
+        "drift": ito_drift_curve(f, b, g, [k / 4 for k in range(-8, 9)], n_paths=n(50_000), generator=gen),
         "f_name": f_name,
         "conversion_gbm": gbm_ito_stratonovich(n_paths=n(10_000), generator=gen),
         "conversion_nonlinear": ito_stratonovich(b, lambda x: 0.5 + 0.3 * torch.sin(x) + 0.2 * x, 0.5,
