@@ -52,15 +52,22 @@ class ItoResult:
     @property
     def z_theory(self) -> float:
         """(estimate - theory) / stderr: small when the Ito answer is right."""
-        return (self.estimate - self.theory) / self.stderr if self.stderr > 0 else math.copysign(math.inf, self.estimate - self.theory) if self.estimate != self.theory else 0.0
+        return _z(self.estimate, self.theory, self.stderr)
 
     @property
     def z_naive(self) -> float:
         """(estimate - naive) / stderr: large when the naive chain rule is wrong."""
-        return (self.estimate - self.naive) / self.stderr if self.stderr > 0 else math.copysign(math.inf, self.estimate - self.naive) if self.estimate != self.naive else 0.0
+        return _z(self.estimate, self.naive, self.stderr)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "z_theory": self.z_theory, "z_naive": self.z_naive}
+
+
+def _z(estimate: float, reference: float, stderr: float) -> float:
+    diff = estimate - reference
+    if stderr > 0:
+        return diff / stderr
+    return 0.0 if diff == 0 else math.copysign(math.inf, diff)
 
 
 def _mean_se(x: Tensor) -> tuple[float, float]:

@@ -1,5 +1,4 @@
 """Ito demonstrations against closed forms, in standard errors; the naive chain rule must fail the same checks."""
-import math
 
 import numpy as np
 import pytest

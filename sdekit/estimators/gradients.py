@@ -19,7 +19,6 @@ numbers), which makes their variances directly comparable.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
