@@ -219,3 +219,24 @@ def test_bad_arguments_raise_clear_errors():
         sample(score, sde, (4, 2), "pc", n_corrector=-1)
     with pytest.raises(ValueError, match="noise must have shape"):
         SAMPLERS["euler_maruyama"].fn(score, sde, torch.zeros(4, 2), torch.linspace(1, 0.01, 6), noise=torch.randn(3, 4, 2))
+
+
+def test_samplers_report_cli(tmp_path):
+    """`sdekit samplers` writes JSON, markdown and PNG covering every registered sampler; deterministic errors fall with NFE."""
+    import json
+
+    from sdekit.cli import main
+
+    n = torch.get_num_threads()
+    try:
+        rc = main(["samplers", "--out", str(tmp_path), "--nfe", "8,32", "--batch", "16", "--n-samples", "300", "--quiet"])
+    finally:
+        torch.set_num_threads(n)
+    assert rc == 0
+    result = json.loads((tmp_path / "samplers.json").read_text())
+    assert {r["sampler"] for r in result["rows"]} == set(SAMPLERS)
+    assert (tmp_path / "samplers.md").read_text().startswith("# Sampler accuracy")
+    assert (tmp_path / "samplers.png").stat().st_size > 10_000
+    for label in ("ode_euler", "heun", "dpmpp_2m"):
+        errs = [r["error"] for r in result["rows"] if r["label"] == label]
+        assert errs[-1] < errs[0], (label, errs)
