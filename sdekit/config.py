@@ -44,6 +44,9 @@ class DataConfig:
     n_train: int = 20000                 # toy sets: size of the fixed training set drawn with `seed`
     seed: int = 0
     path: str | None = None              # file-based sources
+    test_fraction: float = 0.2           # image sets: held-out share, split by a permutation seeded with `seed`
+    hflip: bool = False                  # image sets: random horizontal flips (off for digits: a flipped 3 is no digit)
+    dequantize: bool = False             # image sets: add uniform noise of one quantisation bin (for bits/dim)
     options: dict = field(default_factory=dict)
 
 
@@ -52,6 +55,7 @@ class ModelConfig:
     target: str = "models.mlp:MLP"       # `module:Class`, built as Class(dim, **options)
     prediction: str = "eps"              # eps | x0 | v | score | edm
     sigma_data: float = 1.0
+    label_dropout: float = 0.1           # class-conditional nets: share of labels replaced by the null class
     options: dict = field(default_factory=dict)
 
 
@@ -94,6 +98,7 @@ class SampleConfig:
     seed: int = 1
     denoise: bool = False
     use_ema: bool = True
+    guidance: float | None = None        # classifier-free guidance scale (class-conditional nets; null means 1)
     options: dict = field(default_factory=dict)
 
 
@@ -150,6 +155,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay!r}")
     if cfg.sample.steps is not None and cfg.sample.steps < 1:
         raise ConfigError(f"sample.steps must be >= 1 (or null for the sampler's default), got {cfg.sample.steps!r}")
+    for key in ("data.test_fraction", "model.label_dropout"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)!r}")
     if ":" not in cfg.model.target:
         raise ConfigError(f"model.target must look like 'module:Class', got {cfg.model.target!r}")
 

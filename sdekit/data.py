@@ -15,7 +15,7 @@ from torch import Tensor
 from .sde import SDE, _as_tensor
 
 __all__ = ["GaussianMixture", "ring", "grid", "two_moons", "swiss_roll", "checkerboard", "pinwheel",
-           "TOY_DATASETS", "EXACT_MIXTURES", "make_toy", "load_dataset", "check_finite"]
+           "TOY_DATASETS", "EXACT_MIXTURES", "make_toy", "load_dataset", "load_training_data", "check_finite"]
 
 
 class GaussianMixture:
@@ -195,17 +195,36 @@ def make_toy(name: str, n: int, generator: torch.Generator | None = None, **kwar
     return TOY_DATASETS[name](n, generator=generator, **kwargs)
 
 
-def load_dataset(name: str, n: int, seed: int = 0, path: str | None = None, **options) -> Tensor:
-    """A training set as one tensor (N, *S): toy sets are drawn once with `seed` so that a run sees fixed data.
+def load_dataset(name: str, n: int, seed: int = 0, path: str | None = None, test_fraction: float = 0.2,
+                 **options) -> Tensor:
+    """A training set as one tensor (N, *S): toy sets are drawn once with `seed` so that a run sees fixed data;
+    image sets (sdekit.images) return their training split (all of it; n is ignored), split by `seed`.
 
     Raises on unknown names and on non-finite values, before any training starts.
     """
+    from .images import IMAGE_DATASETS, load_images
+
     if name in TOY_DATASETS:
         x = make_toy(name, n, generator=torch.Generator().manual_seed(seed), **options)
+    elif name in IMAGE_DATASETS:
+        x = load_images(name, path, test_fraction, seed, **options)[0].x
     else:
-        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(TOY_DATASETS)}")
+        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(TOY_DATASETS) + list(IMAGE_DATASETS)}")
     check_finite(x, f"data set {name!r}")
     return x
+
+
+def load_training_data(cfg) -> tuple[Tensor, Tensor | None, dict]:
+    """(x: (N, *S), labels: (N,) long or None, info) for a DataConfig; info holds 'num_classes' and 'n_levels'
+    (image sets) so that training can condition on labels and dequantise."""
+    from .images import IMAGE_DATASETS, load_images
+
+    if cfg.name in IMAGE_DATASETS:
+        train, _ = load_images(cfg.name, cfg.path, cfg.test_fraction, cfg.seed, **cfg.options)
+        return train.x, train.labels, {"num_classes": train.num_classes, "n_levels": train.n_levels}
+    if cfg.hflip or cfg.dequantize:
+        raise ValueError(f"data.hflip and data.dequantize apply to image data sets, not {cfg.name!r}")
+    return load_dataset(cfg.name, cfg.n_train, cfg.seed, cfg.path, **cfg.options), None, {}
 
 
 def check_finite(x: Tensor, what: str) -> None:

@@ -1,7 +1,10 @@
 """`sdekit sample`: draw samples from a trained run, plot them and score them against the data.
 
-Writes into the output folder: samples.safetensors, samples.png (samples over the data density),
-metrics.json (quality numbers with their reference values) and config.json (the resolved config).
+Writes into the output folder: samples.safetensors, samples.png (samples over the data density for 2-D
+data; an image grid for images, one column per class for class-conditional models), metrics.json (quality
+numbers with their reference values) and config.json (the resolved config). For digits the metrics are
+the classifier Frechet distance and class accuracy (sdekit.image_metrics); `--bpd N` adds bits/dim on N
+held-out images, `--compare heun:10,dpmpp_2m:10` a grid (PNG + JSON) per sampler and step count.
 """
 from __future__ import annotations
 
@@ -18,35 +21,55 @@ from torch import Tensor
 from .checkpoint import CheckpointError, atomic_write_text
 from .config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from .data import EXACT_MIXTURES, load_dataset
+from .image_metrics import save_image_grid
 from .metrics import mmd, mode_weight_error, mode_weights, sliced_wasserstein
+from .guidance import guided_score
 from .samplers import sample
 
-__all__ = ["draw_samples", "gather_batches", "evaluate_toy", "plot_toy", "main"]
+__all__ = ["draw_samples", "gather_batches", "evaluate_toy", "plot_toy", "sample_labels", "main"]
+
+
+def sample_labels(score_fn, n: int) -> Tensor | None:
+    """Classes 0, 1, ..., K-1, 0, 1, ... (n,) for a class-conditional denoiser (K = net.num_classes), else None."""
+    k = getattr(getattr(score_fn, "net", None), "num_classes", None)
+    return None if k is None else torch.arange(n) % k
 
 
 def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progress: bool = True,
-                 rank: int = 0, world: int = 1) -> tuple[Tensor, dict]:
+                 rank: int = 0, world: int = 1, labels: Tensor | None = None) -> tuple[Tensor, dict]:
     """cfg.sample.n_samples samples (N, *S) in batches, batch b drawn with the generator seeded by (seed, b).
 
     With world > 1, this process draws batches b = rank, rank + world, ... and the result has only those
     (concatenated in batch order); `gather_batches` reassembles the full set, identical to one process.
+    labels: (N,) classes for a class-conditional denoiser, sampled with classifier-free guidance at scale
+    cfg.sample.guidance (null: 1, the conditional model); None samples the unconditional model.
     """
     from tqdm.auto import tqdm
 
     sc = cfg.sample
     out, nfe, start = [], 0, time.perf_counter()
+    device = _device_of(score_fn)
+    if labels is None and sc.guidance is not None:
+        raise ConfigError("sample.guidance needs a class-conditional model (model.options.num_classes)")
     mine = list(range(rank, -(-sc.n_samples // sc.batch_size), world))
     for b in tqdm(mine, desc="sample", disable=not progress or len(mine) == 1):
         n = min(sc.batch_size, sc.n_samples - b * sc.batch_size)
         gen = torch.Generator().manual_seed(sc.seed * 1_000_003 + b)
         x_T = sde.prior_sample((n, *data_shape), generator=gen)
+        fn = score_fn
+        if labels is not None:
+            fn = guided_score(score_fn, labels[b * sc.batch_size:b * sc.batch_size + n].to(device),
+                              1.0 if sc.guidance is None else sc.guidance)
         with torch.no_grad():
-            x, info = sample(score_fn, sde, (n, *data_shape), sampler=sc.sampler, steps=sc.steps, generator=gen,
-                             x_T=x_T.to(_device_of(score_fn)), grid=sc.grid, denoise=sc.denoise, return_info=True, **sc.options)
+            x, info = sample(fn, sde, (n, *data_shape), sampler=sc.sampler, steps=sc.steps, generator=gen,
+                             x_T=x_T.to(device), grid=sc.grid, denoise=sc.denoise, return_info=True, **sc.options)
         out.append(x.cpu())
         nfe = info["nfe"]
     local = torch.cat(out) if out else torch.empty((0, *data_shape))
-    return local, {"nfe_per_sample": nfe, "seconds": time.perf_counter() - start, "processes": world}
+    timing = {"nfe_per_sample": nfe, "seconds": time.perf_counter() - start, "processes": world}
+    if labels is not None:
+        timing["guidance"] = 1.0 if sc.guidance is None else sc.guidance
+    return local, timing
 
 
 def _device_of(score_fn) -> torch.device:
@@ -131,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="run folder (its newest valid checkpoint) or a checkpoint folder")
     p.add_argument("--out", help="output folder (default: <run>/samples)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compare", default="", help="image data: also a grid per sampler:steps, e.g. heun:10,heun:25,dpmpp_2m:10")
+    p.add_argument("--compare-n", type=int, default=200, help="samples per --compare entry (the grid shows up to 100)")
+    p.add_argument("--bpd", type=int, default=0, help="image data: bits/dim on this many held-out images (Hutchinson)")
     p.add_argument("overrides", nargs="*", help="sample.key=value overrides, e.g. sample.sampler=euler_maruyama")
     args = p.parse_args(argv)
     try:
@@ -150,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     denoiser = denoiser.to(state.device)
     out = Path(args.out) if args.out else Path(args.run) / "samples"
     data_shape = tuple(json.loads((ckpt / "state.json").read_text())["data_shape"])
-    local, timing = draw_samples(denoiser, denoiser.sde, cfg, data_shape, progress=not args.no_progress and state.is_main_process,
-                                 rank=state.process_index, world=state.num_processes)
+    compare = _parse_compare(args.compare)
+    labels = sample_labels(denoiser, cfg.sample.n_samples)
+    try:
+        local, timing = draw_samples(denoiser, denoiser.sde, cfg, data_shape, progress=not args.no_progress and state.is_main_process,
+                                     rank=state.process_index, world=state.num_processes, labels=labels)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     samples = gather_batches(local, cfg, state.num_processes)
     if not state.is_main_process:
         return 0
@@ -161,9 +193,65 @@ def main(argv: list[str] | None = None) -> int:
     if len(data_shape) == 1 and data_shape[0] == 2:
         metrics.update(evaluate_toy(samples, cfg))
         plot_toy(samples, cfg, out / "samples.png", title=f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}")
+    elif len(data_shape) == 3:
+        metrics.update(_evaluate_images(samples, labels, cfg))
+        title = f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}" + (f", guidance {timing['guidance']:g}" if labels is not None else "")
+        save_image_grid(samples[:100], out / "samples.png", title=title,
+                        numbers={"shown": min(100, len(samples)), "labels": None if labels is None else labels[:100].tolist(),
+                                 **{k: v for k, v in metrics.items() if not isinstance(v, list)}})
+        for name, steps in compare:
+            c = from_dict(apply_overrides(to_dict(cfg), [f"sample.sampler={name}", f"sample.steps={steps}",
+                                                        f"sample.n_samples={args.compare_n}", f"sample.batch_size={args.compare_n}"]))
+            lab = None if labels is None else sample_labels(denoiser, args.compare_n)
+            x, info = draw_samples(denoiser, denoiser.sde, c, data_shape, progress=False, labels=lab)
+            numbers = {"sampler": name, "steps": steps, **info, **_evaluate_images(x, lab, c)}
+            save_image_grid(x[:100], out / f"grid_{name}_nfe{info['nfe_per_sample']}.png",
+                            title=f"{name}, {steps} steps, NFE {info['nfe_per_sample']}", numbers=numbers)
+            metrics.setdefault("compare", []).append({k: v for k, v in numbers.items() if not isinstance(v, list)})
+        if args.bpd:
+            metrics.update(_held_out_bpd(denoiser, cfg, args.bpd))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     atomic_write_text(out / "config.json", json.dumps(to_dict(cfg), indent=1))
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if not isinstance(v, list)}
     print(json.dumps(shown, indent=1))
     print(f"wrote {out}/samples.png, metrics.json, samples.safetensors")
     return 0
+
+
+def _parse_compare(spec: str) -> list[tuple[str, int]]:
+    """'heun:10,dpmpp_2m:10' -> [('heun', 10), ('dpmpp_2m', 10)]."""
+    from .samplers import SAMPLERS
+
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, steps = item.partition(":")
+        if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"error: --compare entry {item!r} must be sampler:steps with a sampler of {sorted(SAMPLERS)}")
+        out.append((name, int(steps)))
+    return out
+
+
+def _evaluate_images(samples: Tensor, labels: Tensor | None, cfg: Config) -> dict:
+    """Digits: classifier FD and class accuracy (sdekit.image_metrics); other image sets: range statistics only."""
+    finite = torch.isfinite(samples).flatten(1).all(1)
+    out = {"n_samples": samples.shape[0], "non_finite_samples": int((~finite).sum()),
+           "mean": float(samples[finite].mean()), "std": float(samples[finite].std())}
+    if cfg.data.name == "digits" and tuple(samples.shape[1:]) == (1, 8, 8) and bool(finite.all()):
+        from .image_metrics import evaluate_digits
+
+        out.update(evaluate_digits(samples, labels, split_seed=cfg.data.seed, test_fraction=cfg.data.test_fraction))
+    return out
+
+
+def _held_out_bpd(denoiser, cfg: Config, n: int) -> dict:
+    """Bits/dim of the unconditional model on the first n held-out images of the run's data split."""
+    from .image_metrics import held_out_bits_per_dim
+    from .images import load_images
+
+    _, test = load_images(cfg.data.name, cfg.data.path, cfg.data.test_fraction, cfg.data.seed, **cfg.data.options)
+    if test.n_levels is None:
+        return {"bits_per_dim": None, "bits_per_dim_note": "float images have no grey levels to dequantise"}
+    x = test.x[:n].to(_device_of(denoiser))
+    start = time.perf_counter()
+    res = held_out_bits_per_dim(denoiser, denoiser.sde, x, test.n_levels, generator=torch.Generator().manual_seed(cfg.sample.seed))
+    return {**res, "bits_per_dim_seconds": time.perf_counter() - start}
