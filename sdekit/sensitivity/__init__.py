@@ -1,0 +1,15 @@
+"""Pathwise sensitivities dX_t/dtheta of SDE solutions, by every standard method, on the same noise.
+
+forward        the sensitivity equation integrated alongside the path (forward mode, `forward`)
+backprop       reverse-mode autograd through the same discrete solver
+adjoint        torchsde's `sdeint_adjoint` on the same Brownian increments
+jax            diffrax: JAX autodiff through `diffeqsolve` on the same increments (JAX imported lazily)
+finite_diff    central differences, with and without common random numbers
+score_function likelihood-ratio (Girsanov) estimator for drift parameters
+problems       registry of test problems with closed forms where they exist
+compare        runs every method on one problem; report is the `sdekit sensitivity` command
+"""
+from .forward import forward
+from .schemes import SCHEMES, brownian_increments, solve
+
+__all__ = ["forward", "solve", "SCHEMES", "brownian_increments"]
