@@ -18,7 +18,6 @@ import math
 from typing import Any, Callable
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax

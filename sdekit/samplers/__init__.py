@@ -7,7 +7,7 @@ evaluations (NFE) and checks arguments before any work starts.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from ..data import EXACT_MIXTURES, GaussianMixture
 from ..sde import SDES, make_sde
-from . import SAMPLERS, sample
+from . import sample
 
 __all__ = ["main", "run_report", "default_mixture", "VARIANTS"]
 
