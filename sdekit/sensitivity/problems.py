@@ -71,7 +71,7 @@ def _torch_fields(xp_fields):
 
 
 # --- geometric Brownian motion ------------------------------------------------------------------------
-def gbm(mu: float = 0.5, sigma: float = 0.8, x0: float = 1.0, T: float = 1.0) -> Problem:
+def gbm(mu: float = 0.3, sigma: float = 0.3, x0: float = 1.0, T: float = 1.0) -> Problem:
     def xp_fields(xp):
         return (lambda t, x, th: th[0] * x), (lambda t, x, th: th[1] * x)
 
