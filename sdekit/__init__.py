@@ -1,6 +1,7 @@
 """sdekit: diffusion models and SDEs through the reparameterization (pathwise) view."""
 from . import data, losses, metrics, precond
 from . import ito, estimators
+from . import sensitivity
 from .data import GaussianMixture
 from .likelihood import log_likelihood
 from .samplers import SAMPLERS, sample
@@ -10,6 +11,7 @@ __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "make_sde",
     "GaussianMixture", "data", "losses", "metrics", "precond",
     "sample", "SAMPLERS",
+    "sensitivity",
     "log_likelihood",
     "ito", "estimators",
 ]
