@@ -1,0 +1,212 @@
+"""bench.json, bench.md and the PNG plots from a result dict; the targets of the performance issue, checked."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def targets(result: dict) -> list[dict]:
+    """Each target: name, measured value (the worst case over the sizes run), bound, met."""
+    out = []
+    sim = result.get("simulation")
+    if sim:
+        ok = [r for r in sim["rows"] if "median_s" in r]
+        for method in ("sdekit euler", "sdekit milstein"):
+            v = [r["speedup_vs_plain"] for r in ok if r["method"] == method]
+            if v:
+                out.append(dict(target=f"{method} vs plain torch loop (min over problems, batches)", value=min(v), bound=">= 1.0",
+                                met=min(v) >= 1.0))
+            v = [r["speedup_vs_torchsde"] for r in ok if r["method"] == method and "speedup_vs_torchsde" in r]
+            if v:
+                out.append(dict(target=f"{method} vs torchsde.sdeint (min)", value=min(v), bound=">= 2.5", met=min(v) >= 2.5))
+    sens = result.get("sensitivity")
+    if sens:
+        rows = [r for r in sens["rows"] if r["sweep"] == "steps" and "median_s" in r]
+        by = lambda m, N: next((r for r in rows if r["method"] == m and r["steps"] == N), None)
+        P = rows[0]["P"] if rows else 2
+        for N in sens["steps"]:
+            a, b = by("forward dual, path", N), by("vmap-jvp per step, path", N)
+            if a and b:
+                v = b["median_s"] / a["median_s"]
+                out.append(dict(target=f"forward (path, P={P}) speed vs per-step vmap-jvp, N={N}", value=v, bound=">= 1.0", met=v >= 1.0))
+            e = by("forward dual, end", N)
+            if e:
+                out.append(dict(target=f"forward (end, P={P}) time / primal, N={N}", value=e["time_vs_primal"],
+                                bound=f"<= {2 * (P + 1)}", met=e["time_vs_primal"] <= 2 * (P + 1)))
+        mems = [(r["steps"], r["peak_mib"]) for r in rows if r["method"] == "forward dual, end" and r.get("peak_mib") is not None]
+        if len(mems) >= 2:
+            lo, hi = min(mems)[1], max(mems)[1]
+            out.append(dict(target=f"forward (end) peak memory, N={max(mems)[0]} minus N={min(mems)[0]} (MiB)",
+                            value=hi - lo, bound="flat (<= 8 MiB growth)", met=hi - lo <= 8.0))
+    return out
+
+
+def markdown(result: dict) -> str:
+    c = result["config"]
+    L = [f"# sdekit benchmarks ({'quick' if c['quick'] else 'full'})", "",
+         f"{c['machine']}, device {c['device']}, {c['threads']} thread(s), torch {c['torch']}, "
+         f"median of {c['repeats']} interleaved repeats; every figure is a ratio against a baseline of the same run.", ""]
+    t = targets(result)
+    if t:
+        L += ["## Targets", "", "| target | measured | bound | met |", "|---|---:|---|---|"]
+        L += [f"| {x['target']} | {x['value']:.2f} | {x['bound']} | {'yes' if x['met'] else 'NO'} |" for x in t]
+        L.append("")
+    sim = result.get("simulation")
+    if sim:
+        L += [f"## Simulation throughput ({sim['steps']} steps, float32)", "",
+              "Speed-up over the plain torch loop (path-steps/s of the loop in brackets).", ""]
+        for prob in dict.fromkeys(r["problem"] for r in sim["rows"]):
+            rows = [r for r in sim["rows"] if r["problem"] == prob]
+            Bs = sorted({r["batch"] for r in rows})
+            L += [f"**{prob}**", "", "| method | " + " | ".join(f"B={B:.0e}" for B in Bs) + " |", "|---|" + "---:|" * len(Bs)]
+            for m in dict.fromkeys(r["method"] for r in rows):
+                cells = []
+                for B in Bs:
+                    r = next((r for r in rows if r["method"] == m and r["batch"] == B), None)
+                    if r is None:
+                        cells.append("-")
+                    elif "error" in r:
+                        cells.append("error")
+                    elif m == "plain torch loop":
+                        cells.append(f"1.00 ({r['path_steps_per_s']:.2g}/s)")
+                    else:
+                        cells.append(f"{r['speedup_vs_plain']:.2f}")
+                L.append(f"| {m} | " + " | ".join(cells) + " |")
+            L.append("")
+        L += [f"- {n}" for n in sim.get("notes", [])] + [""]
+    sens = result.get("sensitivity")
+    if sens:
+        rows = [r for r in sens["rows"] if r["sweep"] == "steps"]
+        Ns = sens["steps"]
+        L += [f"## Sensitivities: GBM, B={sens['batch']}, P=2, time / primal solve (peak MiB)", "",
+              "| method | " + " | ".join(f"N={N}" for N in Ns) + " |", "|---|" + "---:|" * len(Ns)]
+        for m in dict.fromkeys(r["method"] for r in rows):
+            cells = []
+            for N in Ns:
+                r = next((r for r in rows if r["method"] == m and r["steps"] == N), None)
+                cells.append("-" if r is None else "error" if "error" in r else
+                             f"{r['time_vs_primal']:.1f} ({r['peak_mib']:.0f})" if r.get("peak_mib") is not None else f"{r['time_vs_primal']:.1f}")
+            L.append(f"| {m} | " + " | ".join(cells) + " |")
+        rows = [r for r in sens["rows"] if r["sweep"] == "params"]
+        Ps = sens["params"]
+        if rows:
+            L += ["", f"Against parameters: neural SDE (d=16), B={rows[0]['batch']}, N={rows[0]['steps']}, time / primal", "",
+                  "| method | " + " | ".join(f"P={P}" for P in Ps) + " |", "|---|" + "---:|" * len(Ps)]
+            for m in dict.fromkeys(r["method"] for r in rows):
+                cells = []
+                for P in Ps:
+                    r = next((r for r in rows if r["method"] == m and r["P"] == P), None)
+                    cells.append("-" if r is None or r.get("time_vs_primal") is None else f"{r['time_vs_primal']:.1f}")
+                L.append(f"| {m} | " + " | ".join(cells) + " |")
+        L += ["", "Forward methods give the full J (B, d, P); backprop, adjoint and diffrax give d mean(X_T)/d theta.", ""]
+    smp = result.get("samplers")
+    if smp:
+        r0 = smp["rows"][0]
+        L += [f"## Samplers: {r0['batch']} samples of a 2-D mixture at about {r0['nfe_budget']} NFE", "",
+              "| sampler | samples/s vs euler_maruyama |", "|---|---:|"]
+        L += [f"| {r['sampler']} | {r['speed_vs_euler_maruyama']:.2f} |" if r.get("median_s") else f"| {r['sampler']} | error |"
+              for r in smp["rows"]]
+        acc = smp.get("accuracy") or {}
+        if "slopes" in acc:
+            L += ["", "Error against NFE (samplers' accuracy report; plot samplers_accuracy.png): fitted orders "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in acc["slopes"].items() if v is not None)]
+        elif "error" in acc:
+            L += ["", f"Accuracy report failed: {acc['error']}"]
+        L += [f"", f"{smp['note']}", ""]
+    tr = result.get("training")
+    if tr:
+        L += ["## Training", "", "| config | processes | steps/s | vs 1 process |", "|---|---:|---:|---:|"]
+        for r in tr["rows"]:
+            if "error" in r:
+                L.append(f"| {r['config']} | {r['processes']} | error: {r['error'][:120]} | |")
+            else:
+                L.append(f"| {r['config']} | {r['processes']} | {r['steps_per_s']:.1f} | {r.get('speedup_vs_1_process', float('nan')):.2f} |")
+        L += ["", tr["note"] + "; absolute steps/s are for reference only.", ""]
+    if "elapsed_s" in result:
+        L.append(f"Total time {result['elapsed_s']:.0f} s.")
+    return "\n".join(L) + "\n"
+
+
+def write(result: dict, out: Path) -> None:
+    result = dict(result, targets=targets(result))
+    _atomic(out / "bench.json", json.dumps(result, indent=1, default=str))
+    _atomic(out / "bench.md", markdown(result))
+    try:
+        plots(result, out)
+    except Exception as e:  # noqa: BLE001 - a plot failure must not lose the numbers
+        print(f"plotting failed: {e}")
+
+
+def plots(result: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sim = result.get("simulation")
+    if sim:
+        probs = list(dict.fromkeys(r["problem"] for r in sim["rows"]))
+        fig, axes = plt.subplots(1, len(probs), figsize=(6 * len(probs), 4.5), squeeze=False)
+        for ax, prob in zip(axes[0], probs):
+            rows = [r for r in sim["rows"] if r["problem"] == prob and "median_s" in r]
+            for m in dict.fromkeys(r["method"] for r in rows):
+                rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["batch"])
+                ax.loglog([r["batch"] for r in rs], [r["speedup_vs_plain"] for r in rs], "o-", label=m, ms=4)
+            ax.axhline(1.0, color="gray", ls="--")
+            ax.set(xlabel="batch (paths)", ylabel="path-steps/s relative to plain torch loop", title=prob)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        _save(fig, out / "simulation.png")
+    sens = result.get("sensitivity")
+    if sens:
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+        rows = [r for r in sens["rows"] if r["sweep"] == "steps" and "median_s" in r]
+        for m in dict.fromkeys(r["method"] for r in rows):
+            rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["steps"])
+            axes[0].loglog([r["steps"] for r in rs], [r["time_vs_primal"] for r in rs], "o-", label=m, ms=4)
+            rm = [r for r in rs if r.get("peak_mib") is not None]
+            axes[1].semilogx([r["steps"] for r in rm], [r["peak_mib"] for r in rm], "o-", label=m, ms=4)
+        axes[0].set(xlabel="steps N", ylabel="time / primal solve", title="GBM, P=2")
+        axes[1].set(xlabel="steps N", ylabel="peak memory above baseline (MiB)", title="GBM, P=2")
+        rows = [r for r in sens["rows"] if r["sweep"] == "params" and "median_s" in r]
+        for m in dict.fromkeys(r["method"] for r in rows):
+            rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["P"])
+            axes[2].loglog([r["P"] for r in rs], [r["time_vs_primal"] for r in rs], "o-", label=m, ms=4)
+        axes[2].set(xlabel="parameters P", ylabel="time / primal solve", title="neural SDE d=16")
+        for ax in axes:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        _save(fig, out / "sensitivity.png")
+    smp = result.get("samplers")
+    if smp:
+        rows = [r for r in smp["rows"] if r.get("median_s")]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([r["sampler"] for r in rows], [r["speed_vs_euler_maruyama"] for r in rows])
+        ax.set(ylabel="samples/s relative to euler_maruyama", title=f"samplers at about {rows[0]['nfe_budget']} NFE")
+        ax.tick_params(axis="x", rotation=45)
+        _save(fig, out / "samplers.png")
+        if smp.get("accuracy") and "rows" in smp["accuracy"]:
+            from sdekit.samplers.report import _plot
+            _plot(smp["accuracy"], out / "samplers_accuracy.png")
+    tr = result.get("training")
+    if tr and any("steps_per_s" in r for r in tr["rows"]):
+        rows = [r for r in tr["rows"] if "steps_per_s" in r]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar([f"{Path(r['config']).stem}\n{r['processes']} proc" for r in rows], [r.get("speedup_vs_1_process", 1.0) for r in rows])
+        ax.set(ylabel="steps/s relative to 1 process", title="training")
+        _save(fig, out / "training.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,99 @@
+"""`python -m benchmarks.run [--quick] [--device cuda] [--out runs/bench]`: every benchmark, one report.
+
+Writes bench.json (all numbers), bench.md (tables, targets met or not) and PNG plots into --out. Every
+figure is a ratio against a baseline measured in the same run, from medians of interleaved repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+SECTIONS = ("simulation", "sensitivity", "samplers", "training")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a few minutes)")
+    p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/XLA intra-op threads (default 1: on a shared machine extra threads spin-wait and "
+                        "make timings erratic)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 3 quick, 5 full)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--compile", default=None, nargs="?", const="default",
+                   help="add a torch.compile row for sdekit.simulate, optionally with a mode (e.g. reduce-overhead)")
+    p.add_argument("--no-jax", action="store_true", help="skip the JAX/diffrax rows")
+    args = p.parse_args(argv)
+    sections = [s for s in args.only.split(",") if s]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown section(s) {bad}; expected a subset of {SECTIONS}")
+    if args.threads > 1:
+        os.environ.setdefault("XLA_FLAGS", "")
+    else:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    jax_ok = not args.no_jax and _has("jax") and _has("diffrax")
+    repeats = args.repeats or (3 if args.quick else 5)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from . import report
+    result = {"config": dict(quick=args.quick, device=args.device, threads=args.threads, repeats=repeats,
+                             compile=args.compile, jax=jax_ok, torch=torch.__version__, python=platform.python_version(),
+                             machine=_machine(args.device), cpus=os.cpu_count(), torchsde=_has("torchsde"))}
+    t_start = time.perf_counter()
+    for s in sections:
+        t0 = time.perf_counter()
+        print(f"[{s}]", flush=True)
+        if s == "simulation":
+            from . import simulation
+            result[s] = simulation.run(args.quick, args.device, repeats, args.compile, jax_ok)
+        elif s == "sensitivity":
+            from . import sensitivity
+            result[s] = sensitivity.run(args.quick, args.device, repeats, jax_ok)
+        elif s == "samplers":
+            from . import samplers
+            result[s] = samplers.run(args.quick, args.device, repeats)
+        else:
+            from . import training
+            result[s] = training.run(args.quick, args.device, args.threads)
+        result[s]["elapsed_s"] = time.perf_counter() - t0
+        report.write(result, out)                  # after every section, so a long run leaves partial results
+    result["elapsed_s"] = time.perf_counter() - t_start
+    report.write(result, out)
+    print(report.markdown(result))
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def _has(mod: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(mod) is not None
+
+
+def _machine(device: str) -> str:
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""SDE simulation throughput (path-steps per second): sdekit's simulator against the usual ways to simulate.
+
+Rows per (problem, batch): sdekit.simulate Euler-Maruyama and Milstein (eager; compiled with --compile),
+the plain torch loop (baseline of every ratio), torchsde.sdeint (Euler, its default BrownianInterval),
+a jitted JAX lax.scan, and diffrax Euler vmapped over paths with pre-generated increments and with a
+VirtualBrownianTree. Every method draws its own noise inside the timed region.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdekit.simulate import simulate
+
+from . import problems
+from .timing import interleaved
+
+T = 1.0
+
+
+def torch_methods(p: problems.Problem, B: int, N: int, device: str, compile_mode: str | None) -> dict:
+    x0 = p.x0(B)
+    ts = torch.linspace(0.0, T, N + 1, device=device, dtype=x0.dtype)
+    gen = lambda: torch.Generator(device=device).manual_seed(0)
+    m = {
+        "plain torch loop": lambda: problems.plain_loop(p, x0, T, N, gen()),
+        "sdekit euler": lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="euler", generator=gen()),
+        "sdekit milstein": lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="milstein", generator=gen(), dg=p.dg),
+        "sdekit milstein (jvp)": lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="milstein", generator=gen()),
+    }
+    if compile_mode:
+        m["sdekit euler compiled"] = lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="euler", generator=gen(),
+                                                      compile=compile_mode)
+    try:
+        import torchsde
+        sde = problems.torchsde_module(p)
+        ts2 = torch.tensor([0.0, T], device=device, dtype=x0.dtype)
+        m["torchsde sdeint"] = lambda: torchsde.sdeint(sde, x0, ts2, method="euler", dt=T / N)[-1]
+    except ImportError:
+        pass
+    return m
+
+
+def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: float) -> tuple[dict, list[str]]:
+    """JAX rows that fit the memory cap; notes for those skipped."""
+    import jax
+    from . import jax_sims as J
+    f, g, th = J.fields(p.name if p.name == "gbm" else "neural", p.params)
+    x0 = jax.numpy.asarray(p.x0(B).cpu().numpy())
+    key = jax.random.PRNGKey(0)
+    notes, m = [], {}
+    scan = J.scan_solver(f, g, T, N)
+    m["jax lax.scan (jit)"] = lambda: J.block(scan(x0, th, key))
+    if B * N * p.d <= max_elements:
+        inc = J.diffrax_solver(f, g, T, N, "increments")
+
+        def pregen():
+            dW = jax.random.normal(key, (B, N, p.d)) * math.sqrt(T / N)
+            return J.block(inc(x0, th, dW))
+        m["diffrax pre-generated"] = pregen
+    else:
+        notes.append(f"diffrax pre-generated skipped at B={B}: B*N*d = {B * N * p.d:.1e} increments exceed the cap {max_elements:.0e}")
+    vbt_cap = 1000 if quick else 4096
+    if B <= vbt_cap:
+        vbt = J.diffrax_solver(f, g, T, N, "vbt")
+        m["diffrax VirtualBrownianTree"] = lambda: J.block(vbt(x0, th, key))
+    else:
+        notes.append(f"diffrax VirtualBrownianTree skipped at B={B} (> {vbt_cap}; about 1e6 path-steps/s, minutes per run)")
+    return m, notes
+
+
+def run(quick: bool, device: str, repeats: int, compile_mode: str | None, jax_ok: bool, progress=print) -> dict:
+    batches = (1_000, 10_000) if quick else (1_000, 10_000, 100_000)
+    N = 200 if quick else 1000
+    rows, notes = [], []
+    probs = [problems.gbm(device), problems.neural(device=device)]
+    for p in probs:
+        for B in batches:
+            m = torch_methods(p, B, N, device, compile_mode)
+            if "torchsde sdeint" not in m:
+                notes.append("torchsde rows skipped: torchsde is not installed")
+            if jax_ok and device == "cpu":
+                jm, jn = jax_methods(p, B, N, quick, max_elements=5e7 if not quick else 1e7)
+                m.update(jm)
+                notes += jn
+            res = interleaved(m, repeats, device)
+            base = res["plain torch loop"]["median_s"]
+            for name, r in res.items():
+                row = dict(problem=p.name, d=p.d, batch=B, steps=N, method=name, **r)
+                if "median_s" in r:
+                    row["path_steps_per_s"] = B * N / r["median_s"]
+                    row["speedup_vs_plain"] = base / r["median_s"]
+                rows.append(row)
+            progress(f"  simulation {p.name} B={B}: " + ", ".join(
+                f"{k} {base / v['median_s']:.2f}x" for k, v in res.items() if "median_s" in v))
+    for p in probs:
+        for B in batches:
+            sub = {r["method"]: r for r in rows if r["problem"] == p.name and r["batch"] == B and "median_s" in r}
+            if "torchsde sdeint" in sub:
+                for k in ("sdekit euler", "sdekit milstein"):
+                    sub[k]["speedup_vs_torchsde"] = sub["torchsde sdeint"]["median_s"] / sub[k]["median_s"]
+    return {"rows": rows, "notes": sorted(set(notes)), "steps": N, "batches": list(batches)}

@@ -1,0 +1,171 @@
+"""Every fast path equals its reference implementation to round-off on the same increments.
+
+sdekit.simulate (eager and torch.compile) against the textbook scheme maps; sdekit.dual.forward and
+forward_vmap against autograd through the same discrete scheme (float64, 1e-10).
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdekit import dual
+from sdekit.simulate import chunk_steps, normal_chunks, simulate
+
+B, N, D = 6, 40, 3
+
+
+def _fields():
+    f = lambda t, x, th: th[0] * x * torch.cos(t) + th[2] * torch.tanh(x)
+    g = lambda t, x, th: th[1] * torch.sin(x) + 0.3
+    dg = lambda t, x, th: th[1] * torch.cos(x)
+    return f, g, dg
+
+
+def _inputs(seed=0, dtype=torch.float64, n=N):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, D, generator=gen, dtype=dtype)
+    theta = torch.tensor([0.4, 0.5, -0.3], dtype=dtype)
+    ts = torch.linspace(0.0, 1.0, n + 1, dtype=dtype) ** 1.5          # non-uniform grid
+    dW = torch.randn(n, B, D, generator=gen, dtype=dtype) * (ts[1:] - ts[:-1]).sqrt()[:, None, None]
+    return x0, theta, ts, dW
+
+
+def _reference_path(f, g, x0, theta, ts, dW, scheme):
+    """The textbook maps, out of place, differentiable in (x0, theta)."""
+    x, xs = x0, [x0]
+    for n in range(ts.shape[0] - 1):
+        t, h, dw = ts[n], ts[n + 1] - ts[n], dW[n]
+        fx, gx = f(t, x, theta), g(t, x, theta)
+        if scheme == "euler":
+            x = x + fx * h + gx * dw
+        elif scheme == "milstein":
+            _, gdg = torch.func.jvp(lambda y: g(t, y, theta), (x,), (gx,))
+            x = x + fx * h + gx * dw + 0.5 * gdg * (dw * dw - h.abs())
+        else:
+            xp = x + fx * h + gx * dw
+            x = x + 0.5 * (fx + f(ts[n + 1], xp, theta)) * h + 0.5 * (gx + g(ts[n + 1], xp, theta)) * dw
+        xs.append(x)
+    return torch.stack(xs)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "milstein", "heun"])
+@pytest.mark.parametrize("save", ["end", "path"])
+def test_simulate_equals_reference(scheme, save):
+    f, g, dg = _fields()
+    x0, theta, ts, dW = _inputs()
+    ref = _reference_path(f, g, x0, theta, ts, dW, scheme)
+    ref = ref if save == "path" else ref[-1]
+    for kw in ({}, {"dg": dg}) if scheme == "milstein" else ({},):
+        out = simulate(f, g, x0, theta, ts, dW, scheme, save=save, **kw)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_simulate_fields_returning_x_itself():
+    """In-place updates must not clobber a field value that aliases x (f = g = identity)."""
+    ident = lambda t, x, th: x
+    x0, theta, ts, dW = _inputs()
+    ref = _reference_path(ident, ident, x0, theta, ts, dW, "euler")[-1]
+    torch.testing.assert_close(simulate(ident, ident, x0, theta, ts, dW), ref, rtol=0, atol=1e-12)
+
+
+def test_simulate_drawn_increments_are_the_documented_chunks(monkeypatch):
+    """dW=None means dW[n] = sqrt(|h_n|) z[n] with z the concatenated normal_chunks of the generator."""
+    import sdekit.simulate as sim
+    monkeypatch.setattr(sim, "_CHUNK_ELEMENTS", 7 * B * D)   # 7 steps a chunk: several chunks and a ragged last one
+    f, g, _ = _fields()
+    x0, theta, ts, _ = _inputs(n=300)
+    z = torch.cat(list(normal_chunks(300, (B, D), torch.Generator().manual_seed(3), torch.float64, "cpu")))
+    assert chunk_steps((B, D)) < 300          # several chunks are exercised
+    dW = z * (ts[1:] - ts[:-1]).abs().sqrt()[:, None, None]
+    a = simulate(f, g, x0, theta, ts, scheme="euler", generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, _reference_path(f, g, x0, theta, ts, dW, "euler")[-1], rtol=0, atol=1e-12)
+
+
+def test_simulate_reverse_time_grid():
+    f, g, _ = _fields()
+    x0, theta, ts, dW = _inputs()
+    ts = ts.flip(0)
+    ref = _reference_path(f, g, x0, theta, ts, dW, "milstein")[-1]
+    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, "milstein"), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "milstein", "heun"])
+def test_simulate_compiled_equals_eager(scheme):
+    pytest.importorskip("torch._inductor")
+    f, g, dg = _fields()
+    x0, theta, ts, dW = _inputs(n=8)
+    try:
+        out = simulate(f, g, x0, theta, ts, dW, scheme, save="path", dg=dg if scheme == "milstein" else None, compile=True)
+    except Exception as e:  # no working C++ toolchain for inductor on this machine
+        pytest.skip(f"torch.compile unavailable: {e}")
+    ref = _reference_path(f, g, x0, theta, ts, dW, scheme)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def _autograd_jacobian(f, g, x0, theta, ts, dW, scheme):
+    """(N+1, B, d, P) by reverse-mode autograd through the reference path."""
+    return torch.autograd.functional.jacobian(lambda th: _reference_path(f, g, x0, th, ts, dW, scheme), theta)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "milstein", "heun"])
+@pytest.mark.parametrize("save", ["end", "path"])
+def test_dual_forward_equals_autograd(scheme, save):
+    f, g, dg = _fields()
+    x0, theta, ts, dW = _inputs(n=25)
+    J_ref = _autograd_jacobian(f, g, x0, theta, ts, dW, scheme)
+    x_ref = _reference_path(f, g, x0, theta, ts, dW, scheme)
+    for fn in (lambda: dual.forward(f, g, x0, theta, ts, dW, scheme, save, dg=dg),
+               lambda: dual.forward(f, g, x0, theta, ts, dW, scheme, save),      # milstein: the vmap fallback
+               lambda: dual.forward_vmap(f, g, x0, theta, ts, dW, scheme, save)):
+        xs, J = fn()
+        if save == "end":
+            torch.testing.assert_close(xs, x_ref[-1], rtol=0, atol=1e-10)
+            torch.testing.assert_close(J, J_ref[-1], rtol=0, atol=1e-10)
+        else:
+            assert J.shape == (ts.shape[0], B, D, 3)
+            torch.testing.assert_close(xs, x_ref, rtol=0, atol=1e-10)
+            torch.testing.assert_close(J, J_ref, rtol=0, atol=1e-10)
+
+
+def test_dual_forward_initial_sensitivity_and_constant_fields():
+    """J0 is carried; a field independent of (x, theta) has no tangent and counts as zero."""
+    f = lambda t, x, th: th[0] * x
+    g = lambda t, x, th: torch.full_like(x, 0.2)
+    x0, _, ts, dW = _inputs()
+    theta = torch.tensor([0.7], dtype=torch.float64)
+    J0 = torch.randn(B, D, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    _, J = dual.forward(f, g, x0, theta, ts, dW, save="end", J0=J0)
+    # linear in x: J_N = prod(1 + th h) J0 + d/dth of the path, checked against autograd with x0 moved along J0
+    def end(th, eps):
+        return _reference_path(f, g, x0 + eps * J0[..., 0], th, ts, dW, "euler")[-1]
+    jt = torch.autograd.functional.jacobian(lambda th: end(th, torch.zeros((), dtype=torch.float64)), theta)[..., 0]
+    je = torch.autograd.functional.jacobian(lambda e: end(theta, e), torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(J[..., 0], jt + je, rtol=0, atol=1e-10)
+
+
+def test_dual_forward_gbm_closed_form():
+    """GBM under Euler: X_N = x0 prod(1 + mu h + sigma dW), so dX_N/dmu = X_N sum h / (1 + mu h + sigma dW)."""
+    mu, sigma = 0.3, 0.5
+    theta = torch.tensor([mu, sigma], dtype=torch.float64)
+    x0 = torch.ones(B, 1, dtype=torch.float64)
+    ts = torch.linspace(0, 1, N + 1, dtype=torch.float64)
+    dW = torch.randn(N, B, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * math.sqrt(1 / N)
+    x, J = dual.forward(lambda t, x, th: th[0] * x, lambda t, x, th: th[1] * x, x0, theta, ts, dW, save="end")
+    factors = 1 + mu / N + sigma * dW
+    torch.testing.assert_close(x, factors.prod(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(J[..., 0], x * (1 / N / factors).sum(0), rtol=1e-10, atol=0)
+    torch.testing.assert_close(J[..., 1], x * (dW / factors).sum(0), rtol=1e-10, atol=0)
+
+
+def test_benchmark_baselines_agree_with_fast_paths():
+    """The benchmark's own baselines compute the same numbers as the fast paths they are compared with."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # benchmarks/ is not installed
+    from benchmarks.sensitivity import backprop, straightforward_forward
+    f, g, _ = _fields()
+    x0, theta, ts, dW = _inputs(n=15)
+    xs, J = dual.forward(f, g, x0, theta, ts, dW)
+    xs2, J2 = straightforward_forward(f, g, x0, theta, ts, dW)
+    torch.testing.assert_close(J, J2, rtol=0, atol=1e-10)
+    torch.testing.assert_close(backprop(f, g, x0, theta, ts, dW), J[-1].mean((0, 1)), rtol=0, atol=1e-10)
