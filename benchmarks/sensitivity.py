@@ -74,7 +74,7 @@ def adjoint_torchsde(p, x0, ts, N):
     return run
 
 
-def methods(p, B: int, N: int, device: str, jax_ok: bool, with_path: bool = True) -> dict:
+def methods(p, B: int, N: int, device: str, jax_ok: bool, with_path: bool = True, adjoint_max_steps: int = 1000) -> dict:
     x0 = p.x0(B)
     ts = torch.linspace(0.0, T, N + 1, device=device, dtype=x0.dtype)
     dW = torch.randn((N, B, p.d), generator=torch.Generator().manual_seed(1), dtype=x0.dtype).to(device) * math.sqrt(T / N)
@@ -93,7 +93,7 @@ def methods(p, B: int, N: int, device: str, jax_ok: bool, with_path: bool = True
     m["backprop"] = lambda: backprop(f, g, x0, th, ts, dW)
     try:
         import torchsde  # noqa: F401
-        if N <= 1000:          # several hundred times the primal: beyond 1000 steps a run takes minutes
+        if N <= adjoint_max_steps:      # several hundred times the primal: long runs take minutes
             m["adjoint (torchsde)"] = adjoint_torchsde(p, x0, ts, N)
     except ImportError:
         pass
@@ -113,7 +113,7 @@ def run(quick: bool, device: str, repeats: int, jax_ok: bool, progress=print) ->
     rows = []
     p = problems.gbm(device)
     for N in steps:
-        m = methods(p, B, N, device, jax_ok, with_path=N <= 1000 or not quick)
+        m = methods(p, B, N, device, jax_ok, with_path=N <= 1000 or not quick, adjoint_max_steps=100 if quick else 1000)
         res = interleaved(m, repeats if N <= 1000 else max(1, repeats // 2), device)
         mem = {k: peak_memory_mib(fn, device) for k, fn in m.items() if "error" not in res[k]}
         base = res["primal simulate"]["median_s"]
@@ -125,7 +125,7 @@ def run(quick: bool, device: str, repeats: int, jax_ok: bool, progress=print) ->
     N = 100 if quick else 500
     for P in Ps:
         q = problems.neural(P=P, device=device)
-        m = methods(q, 1024, N, device, jax_ok, with_path=False)
+        m = methods(q, 1024, N, device, jax_ok, with_path=False, adjoint_max_steps=0 if quick else N)
         m = {k: v for k, v in m.items() if k in ("primal simulate", "forward dual, end", "vmap-jvp per step, end", "backprop",
                                                  "adjoint (torchsde)", "diffrax grad (checkpointed)")}
         res = interleaved(m, repeats, device)
