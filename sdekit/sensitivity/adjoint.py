@@ -23,7 +23,7 @@ class GridBrownian:
 
     def __init__(self, ts: Tensor, dW: Tensor):
         import torchsde  # noqa: F401  (the base class lives there)
-        self.ts = ts
+        self.ts = ts.contiguous()
         self.W = torch.cat([torch.zeros_like(dW[:1]), dW.cumsum(0)])     # (N+1, B, d)
 
     def _at(self, t) -> Tensor:

@@ -174,7 +174,7 @@ def diffusion(probability_flow: bool = False, sde: VPSDE | None = None) -> Probl
 
     def score(x, t, th):
         alpha, _ = sde.marginal(t)
-        return gmm.score(x - alpha * th, t, sde)        # the data shifted by theta shifts p_t by alpha_t theta
+        return gmm.score(x - alpha.reshape(-1, 1) * th, t, sde)   # shifting the data by theta shifts p_t by alpha_t theta
 
     def f(t, x, th):
         return sde.reverse_drift(x, t, score(x, t, th), probability_flow=probability_flow)
