@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from .checkpoint import (CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, prune_checkpoints, save_checkpoint)
 from .config import Config, ConfigError, ModelConfig, SDEConfig, from_dict, load_config, to_dict
-from .data import load_dataset
+from .data import load_training_data
+from .images import image_bin_width
 from .losses import dsm_loss, sample_t
 from .precond import Denoiser
 from .sde import SDE, make_sde
@@ -108,6 +109,11 @@ class EMA:
             else:
                 self.shadow[k].copy_(v)
 
+    def to(self, device) -> "EMA":
+        """Keep the averages on the model's device (the update reads the live weights there)."""
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
     def state_dict(self) -> dict[str, Tensor]:
         return self.shadow
 
@@ -175,11 +181,21 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     micro = tc.batch_size // (world * tc.grad_accum)
     run_dir = Path(tc.out_dir)
 
-    data = load_dataset(cfg.data.name, cfg.data.n_train, cfg.data.seed, cfg.data.path, **cfg.data.options)
+    try:
+        data, labels, data_info = load_training_data(cfg.data)
+        bin_width = image_bin_width(data_info.get("n_levels")) if cfg.data.dequantize else 0.0
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
     data_shape = tuple(data.shape[1:])
     torch.manual_seed(tc.seed)  # network initialisation: identical on every process
     denoiser = build_denoiser(cfg, data_shape)
     net = denoiser.net
+    num_classes = getattr(net, "num_classes", None)  # class-conditional nets take labels=, with null class num_classes
+    if num_classes is not None:
+        if labels is None:
+            raise ConfigError(f"the model is class-conditional (num_classes={num_classes}) but data {cfg.data.name!r} has no labels")
+        if int(labels.max()) >= num_classes:
+            raise ConfigError(f"data {cfg.data.name!r} has labels up to {int(labels.max())}; model num_classes={num_classes} is too small")
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     ema = EMA(net, tc.ema_decay)
@@ -199,7 +215,9 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     net, optimizer = accelerator.prepare(net, optimizer)
     denoiser.net = net
     device = accelerator.device
+    ema.to(device)
     data = data.to(device)
+    labels = labels.to(device) if labels is not None else None
     sde = denoiser.sde
 
     if accelerator.is_main_process:
@@ -228,14 +246,26 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
         idx = batch_indices(data.shape[0], tc.batch_size, step, cfg.data.seed + tc.seed)
         t_all = sample_t(sde, tc.batch_size, gen, cfg.loss.t_sampling, cfg.loss.P_mean, cfg.loss.P_std, dtype=data.dtype)
         noise_all = torch.randn((tc.batch_size, *data_shape), generator=gen, dtype=data.dtype)
+        # Augmentation and label dropout draw after (t, noise), only when enabled: runs without them keep their draws.
+        flip_all = torch.rand(tc.batch_size, generator=gen) < 0.5 if cfg.data.hflip else None
+        u_all = torch.rand((tc.batch_size, *data_shape), generator=gen, dtype=data.dtype) - 0.5 if cfg.data.dequantize else None
+        drop_all = torch.rand(tc.batch_size, generator=gen) < cfg.model.label_dropout if num_classes is not None else None
         total = torch.zeros((), device=device)
         net.train()
         for k in range(tc.grad_accum):
             part = slice((k * world + rank) * micro, (k * world + rank + 1) * micro)
             x0, t, noise = data[idx[part].to(device)], t_all[part].to(device), noise_all[part].to(device)
+            if flip_all is not None:
+                x0 = torch.where(flip_all[part].to(device).reshape(-1, *[1] * len(data_shape)), x0.flip(-1), x0)
+            if u_all is not None:
+                x0 = x0 + bin_width * u_all[part].to(device)
+            net_kwargs = {}
+            if num_classes is not None:
+                y = labels[idx[part].to(device)]
+                net_kwargs["labels"] = torch.where(drop_all[part].to(device), torch.full_like(y, num_classes), y)
             sync = accelerator.no_sync(net) if k < tc.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                loss = dsm_loss(denoiser, x0, t, noise, cfg.loss.weighting, cfg.loss.min_snr_gamma).mean() / tc.grad_accum
+                loss = dsm_loss(denoiser, x0, t, noise, cfg.loss.weighting, cfg.loss.min_snr_gamma, **net_kwargs).mean() / tc.grad_accum
             accelerator.backward(loss)
             total += loss.detach().float()
         grad_norm = accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
