@@ -86,6 +86,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10              # consecutive non-finite losses before the run stops
     out_dir: str = "runs/default"
+    num_threads: int = 0                 # CPU threads for torch in training and sampling; 0 keeps torch's default
 
 
 @dataclass
@@ -128,7 +129,7 @@ _CHOICES = {
 _POSITIVE = ["train.steps", "train.batch_size", "train.grad_accum", "train.lr", "train.log_every", "train.ckpt_every",
              "train.keep_checkpoints", "train.max_bad_steps", "data.n_train", "model.sigma_data", "sample.n_samples",
              "sample.batch_size", "loss.P_std", "loss.min_snr_gamma"]
-_NON_NEGATIVE = ["train.weight_decay", "train.warmup_steps", "train.grad_clip"]
+_NON_NEGATIVE = ["train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.num_threads"]
 
 
 def _get(cfg: Config, dotted: str):

@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from accelerate import PartialState
 
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     state = PartialState()  # one process, or one of several under `accelerate launch` / torchrun
     denoiser = denoiser.to(state.device)
     out = Path(args.out) if args.out else Path(args.run) / "samples"

@@ -33,7 +33,7 @@ from .losses import dsm_loss, sample_t
 from .precond import Denoiser
 from .sde import SDE, make_sde
 
-__all__ = ["build_sde", "build_network", "build_denoiser", "batch_indices", "step_generator", "EMA", "train",
+__all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator", "EMA", "train",
            "load_trained", "resolve_checkpoint", "main"]
 
 
@@ -69,6 +69,21 @@ def build_denoiser(cfg: Config, data_shape: tuple[int, ...], net: nn.Module | No
     sde = build_sde(cfg.sde)
     sigma_data = cfg.sde.sigma_data if (cfg.model.prediction == "edm" and cfg.sde.sigma_data) else cfg.model.sigma_data
     return Denoiser(net if net is not None else build_network(cfg.model, data_shape), sde, cfg.model.prediction, sigma_data)
+
+
+def check_model_fits_data(denoiser: Denoiser, x: Tensor, target: str = "model") -> None:
+    """One forward pass on two data points before training: the network's output must be shaped like the data."""
+    c_noise = torch.zeros(x.shape[0], dtype=x.dtype)
+    try:
+        with torch.no_grad():
+            out = denoiser.net(x, c_noise)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"model {target} does not accept data of shape {tuple(x.shape[1:])}: {e}") from None
+    if out.shape != x.shape:
+        raise ConfigError(f"model {target} maps data of shape {tuple(x.shape[1:])} to {tuple(out.shape[1:])}; "
+                          "a score model must return the shape of its input")
+    if out.dtype != x.dtype:
+        raise ConfigError(f"model {target} returns {out.dtype} for {x.dtype} data")
 
 
 def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
@@ -174,6 +189,8 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     from tqdm.auto import tqdm
 
     tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
     accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if tc.batch_size % (world * tc.grad_accum):
@@ -189,6 +206,7 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     data_shape = tuple(data.shape[1:])
     torch.manual_seed(tc.seed)  # network initialisation: identical on every process
     denoiser = build_denoiser(cfg, data_shape)
+    check_model_fits_data(denoiser, data[:2], cfg.model.target)
     net = denoiser.net
     num_classes = getattr(net, "num_classes", None)  # class-conditional nets take labels=, with null class num_classes
     if num_classes is not None:
