@@ -32,15 +32,15 @@ def targets(result: dict) -> list[dict]:
         by = lambda m, N: next((r for r in rows if r["method"] == m and r["steps"] == N), None)
         P = rows[0]["P"] if rows else 2
         for N in sens["steps"]:
-            a, b = by("forward dual, path", N), by("vmap-jvp per step, path", N)
+            a, b = by("forward, path", N), by("vmap-jvp per step, path", N)
             if a and b:
                 v = b["median_s"] / a["median_s"]
                 out.append(dict(target=f"forward (path, P={P}) speed vs per-step vmap-jvp, N={N}", value=v, bound=">= 1.0", met=v >= 1.0))
-            e = by("forward dual, end", N)
+            e = by("forward, end", N)
             if e:
                 out.append(dict(target=f"forward (end, P={P}) time / primal, N={N}", value=e["time_vs_primal"],
                                 bound=f"<= {2 * (P + 1)}", met=e["time_vs_primal"] <= 2 * (P + 1)))
-        mems = [(r["steps"], r["peak_mib"]) for r in rows if r["method"] == "forward dual, end" and r.get("peak_mib") is not None]
+        mems = [(r["steps"], r["peak_mib"]) for r in rows if r["method"] == "forward, end" and r.get("peak_mib") is not None]
         if len(mems) >= 2:
             lo, hi = min(mems)[1], max(mems)[1]
             out.append(dict(target=f"forward (end) peak memory, N={max(mems)[0]} minus N={min(mems)[0]} (MiB)",

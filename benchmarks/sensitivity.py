@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from sdekit import dual
+from sdekit import sensitivity
 from sdekit.simulate import simulate
 
 from . import problems
@@ -80,16 +80,11 @@ def methods(p, B: int, N: int, device: str, jax_ok: bool, with_path: bool = True
     dW = torch.randn((N, B, p.d), generator=torch.Generator().manual_seed(1), dtype=x0.dtype).to(device) * math.sqrt(T / N)
     f, g, th = p.f, p.g, p.theta
     m = {"primal simulate": lambda: simulate(f, g, x0, th, ts, dW)}
-    m["forward dual, end"] = lambda: dual.forward(f, g, x0, th, ts, dW, save="end")
+    m["forward, end"] = lambda: sensitivity.forward(f, g, x0, th, ts, dW, save="end")
     if with_path:
-        m["forward dual, path"] = lambda: dual.forward(f, g, x0, th, ts, dW, save="path")
+        m["forward, path"] = lambda: sensitivity.forward(f, g, x0, th, ts, dW, save="path")
         m["vmap-jvp per step, path"] = lambda: straightforward_forward(f, g, x0, th, ts, dW, "path")
     m["vmap-jvp per step, end"] = lambda: straightforward_forward(f, g, x0, th, ts, dW, "end")
-    try:
-        from sdekit.sensitivity import forward as sens_forward   # the reference implementation, when present
-        m["sensitivity.forward, end"] = lambda: sens_forward.forward(f, g, x0, th, ts, dW, save="end")
-    except ImportError:
-        pass
     m["backprop"] = lambda: backprop(f, g, x0, th, ts, dW)
     try:
         import torchsde  # noqa: F401
@@ -126,7 +121,7 @@ def run(quick: bool, device: str, repeats: int, jax_ok: bool, progress=print) ->
     for P in Ps:
         q = problems.neural(P=P, device=device)
         m = methods(q, 1024, N, device, jax_ok, with_path=False, adjoint_max_steps=0 if quick else N)
-        m = {k: v for k, v in m.items() if k in ("primal simulate", "forward dual, end", "vmap-jvp per step, end", "backprop",
+        m = {k: v for k, v in m.items() if k in ("primal simulate", "forward, end", "vmap-jvp per step, end", "backprop",
                                                  "adjoint (torchsde)", "diffrax grad (checkpointed)")}
         res = interleaved(m, repeats, device)
         base = res["primal simulate"]["median_s"]

@@ -1,7 +1,8 @@
 """Every fast path equals its reference implementation to round-off on the same increments.
 
-sdekit.simulate (eager and torch.compile) against the textbook scheme maps; sdekit.dual.forward and
-forward_vmap against autograd through the same discrete scheme (float64, 1e-10).
+sdekit.simulate (traced, eager, autograd and torch.compile) against the textbook scheme maps;
+sensitivity.forward (traced and eager, with and without Milstein's dg) against autograd through the same
+discrete scheme (float64, 1e-10).
 """
 import math
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdekit import dual
+from sdekit import sensitivity
 from sdekit.simulate import chunk_steps, normal_chunks, simulate
 
 B, N, D = 6, 40, 3
@@ -58,8 +59,23 @@ def test_simulate_equals_reference(scheme, save):
     ref = _reference_path(f, g, x0, theta, ts, dW, scheme)
     ref = ref if save == "path" else ref[-1]
     for kw in ({}, {"dg": dg}) if scheme == "milstein" else ({},):
-        out = simulate(f, g, x0, theta, ts, dW, scheme, save=save, **kw)
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        for trace in (True, False):
+            out = simulate(f, g, x0, theta, ts, dW, scheme, save=save, trace=trace, **kw)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "milstein", "heun"])
+def test_simulate_differentiable_path_is_the_scheme_map(scheme):
+    """With theta requiring grad the solver runs the step map eagerly: autograd gives the reference's gradient."""
+    f, g, _ = _fields()
+    x0, theta, ts, dW = _inputs(n=10)
+    th = theta.clone().requires_grad_(True)
+    out = simulate(f, g, x0, th, ts, dW, scheme)
+    assert out.requires_grad
+    grad = torch.autograd.grad(out.sum(), th)[0]
+    ref = torch.autograd.grad(_reference_path(f, g, x0, th, ts, dW, scheme)[-1].sum(), th)[0]
+    torch.testing.assert_close(out.detach(), _reference_path(f, g, x0, theta, ts, dW, scheme)[-1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, ref, rtol=0, atol=1e-10)
 
 
 def test_simulate_fields_returning_x_itself():
@@ -111,14 +127,14 @@ def _autograd_jacobian(f, g, x0, theta, ts, dW, scheme):
 
 @pytest.mark.parametrize("scheme", ["euler", "milstein", "heun"])
 @pytest.mark.parametrize("save", ["end", "path"])
-def test_dual_forward_equals_autograd(scheme, save):
+def test_forward_equals_autograd(scheme, save):
     f, g, dg = _fields()
     x0, theta, ts, dW = _inputs(n=25)
     J_ref = _autograd_jacobian(f, g, x0, theta, ts, dW, scheme)
     x_ref = _reference_path(f, g, x0, theta, ts, dW, scheme)
-    for fn in (lambda: dual.forward(f, g, x0, theta, ts, dW, scheme, save, dg=dg),
-               lambda: dual.forward(f, g, x0, theta, ts, dW, scheme, save),      # milstein: the vmap fallback
-               lambda: dual.forward_vmap(f, g, x0, theta, ts, dW, scheme, save)):
+    for fn in (lambda: sensitivity.forward(f, g, x0, theta, ts, dW, scheme, save, dg=dg),
+               lambda: sensitivity.forward(f, g, x0, theta, ts, dW, scheme, save),      # milstein: nested jvp of g
+               lambda: sensitivity.forward(f, g, x0, theta, ts, dW, scheme, save, trace=False)):
         xs, J = fn()
         if save == "end":
             torch.testing.assert_close(xs, x_ref[-1], rtol=0, atol=1e-10)
@@ -129,14 +145,14 @@ def test_dual_forward_equals_autograd(scheme, save):
             torch.testing.assert_close(J, J_ref, rtol=0, atol=1e-10)
 
 
-def test_dual_forward_initial_sensitivity_and_constant_fields():
+def test_forward_initial_sensitivity_and_constant_fields():
     """J0 is carried; a field independent of (x, theta) has no tangent and counts as zero."""
     f = lambda t, x, th: th[0] * x
     g = lambda t, x, th: torch.full_like(x, 0.2)
     x0, _, ts, dW = _inputs()
     theta = torch.tensor([0.7], dtype=torch.float64)
     J0 = torch.randn(B, D, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    _, J = dual.forward(f, g, x0, theta, ts, dW, save="end", J0=J0)
+    _, J = sensitivity.forward(f, g, x0, theta, ts, dW, save="end", J0=J0)
     # linear in x: J_N = prod(1 + th h) J0 + d/dth of the path, checked against autograd with x0 moved along J0
     def end(th, eps):
         return _reference_path(f, g, x0 + eps * J0[..., 0], th, ts, dW, "euler")[-1]
@@ -145,14 +161,14 @@ def test_dual_forward_initial_sensitivity_and_constant_fields():
     torch.testing.assert_close(J[..., 0], jt + je, rtol=0, atol=1e-10)
 
 
-def test_dual_forward_gbm_closed_form():
+def test_forward_gbm_closed_form():
     """GBM under Euler: X_N = x0 prod(1 + mu h + sigma dW), so dX_N/dmu = X_N sum h / (1 + mu h + sigma dW)."""
     mu, sigma = 0.3, 0.5
     theta = torch.tensor([mu, sigma], dtype=torch.float64)
     x0 = torch.ones(B, 1, dtype=torch.float64)
     ts = torch.linspace(0, 1, N + 1, dtype=torch.float64)
     dW = torch.randn(N, B, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * math.sqrt(1 / N)
-    x, J = dual.forward(lambda t, x, th: th[0] * x, lambda t, x, th: th[1] * x, x0, theta, ts, dW, save="end")
+    x, J = sensitivity.forward(lambda t, x, th: th[0] * x, lambda t, x, th: th[1] * x, x0, theta, ts, dW, save="end")
     factors = 1 + mu / N + sigma * dW
     torch.testing.assert_close(x, factors.prod(0), rtol=1e-12, atol=0)
     torch.testing.assert_close(J[..., 0], x * (1 / N / factors).sum(0), rtol=1e-10, atol=0)
@@ -165,7 +181,7 @@ def test_benchmark_baselines_agree_with_fast_paths():
     from benchmarks.sensitivity import backprop, straightforward_forward
     f, g, _ = _fields()
     x0, theta, ts, dW = _inputs(n=15)
-    xs, J = dual.forward(f, g, x0, theta, ts, dW)
+    xs, J = sensitivity.forward(f, g, x0, theta, ts, dW)
     xs2, J2 = straightforward_forward(f, g, x0, theta, ts, dW)
     torch.testing.assert_close(J, J2, rtol=0, atol=1e-10)
     torch.testing.assert_close(backprop(f, g, x0, theta, ts, dW), J[-1].mean((0, 1)), rtol=0, atol=1e-10)

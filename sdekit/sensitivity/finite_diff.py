@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .schemes import Field, brownian_increments, solve
+from ..simulate import simulate
+from .schemes import Field, brownian_increments
 
 __all__ = ["jacobian", "path_gradients"]
 
@@ -26,8 +27,8 @@ def _shifted(theta: Tensor, p: int, delta: float) -> Tensor:
 def jacobian(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor, h: float,
              scheme: str = "euler") -> Tensor:
     """(X_T(theta + h e_p) - X_T(theta - h e_p)) / 2h on common noise dW: (B, d, P)."""
-    cols = [(solve(f, g, x0, _shifted(theta, p, h), ts, dW, scheme, "end")
-             - solve(f, g, x0, _shifted(theta, p, -h), ts, dW, scheme, "end")) / (2 * h) for p in range(theta.shape[0])]
+    cols = [(simulate(f, g, x0, _shifted(theta, p, h), ts, dW, scheme)
+             - simulate(f, g, x0, _shifted(theta, p, -h), ts, dW, scheme)) / (2 * h) for p in range(theta.shape[0])]
     return torch.stack(cols, -1)
 
 
@@ -45,7 +46,7 @@ def path_gradients(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW
     for p in range(theta.shape[0]):
         noise_plus = dW if crn else brownian_increments(ts, tuple(x0.shape), generator)
         noise_minus = dW if crn else brownian_increments(ts, tuple(x0.shape), generator)
-        plus = loss(solve(f, g, x0, _shifted(theta, p, h), ts, noise_plus, scheme, "end"))
-        minus = loss(solve(f, g, x0, _shifted(theta, p, -h), ts, noise_minus, scheme, "end"))
+        plus = loss(simulate(f, g, x0, _shifted(theta, p, h), ts, noise_plus, scheme))
+        minus = loss(simulate(f, g, x0, _shifted(theta, p, -h), ts, noise_minus, scheme))
         cols.append((plus - minus) / (2 * h))
     return torch.stack(cols, -1)

@@ -1,16 +1,19 @@
-"""Trace a step function once into a plain aten graph, so that the per-step loop runs without
-forward-AD or vmap machinery.
+"""Trace a step function once into straight-line aten code, so that a loop of N steps runs without
+autograd, forward-AD or vmap machinery and without the Python of f and g.
 
 Why: in eager PyTorch every op that mixes a dual tensor with a plain one (x * 0.5, theta[0] * x
 when only x carries a tangent) creates an "efficient zero tensor" tangent, and ops on those fall back
 to shape computations on the meta device: about 100x the cost of the op itself on small tensors.
-Tracing the vmapped JVP with make_fx records the same arithmetic as ordinary aten ops; the passes
-below then swap zero tensors for real zeros and drop the dead shape checks, aliases and copies the
-trace carries along. The traced step is checked against the eager one on a second set of inputs
-before it is trusted: a step whose Python control flow depends on tensor values would be frozen by
-tracing, and then the eager function is used instead (with a warning). Finally the graph is turned
-into straight-line Python that calls each op's C++ entry point directly (FX's own generated code goes
-through the slower Python OpOverload wrappers).
+Tracing with make_fx records the same arithmetic as ordinary aten ops. The passes below then
+  - swap zero tensors for real zeros and drop dead shape checks, aliases, no-op copies and expands;
+  - fuse a product into the sum that consumes it (add(a, mul(b, c)) -> addcmul, add(mm, bias) -> addmm),
+    since on small tensors a step's cost is the number of ops it launches;
+  - hoist the ops that depend only on loop-invariant inputs (theta, the tangent directions), which
+    `bind` runs once per solve instead of once per step.
+The traced step is checked against the eager one on a second set of inputs before it is trusted: a
+step whose Python control flow depends on tensor values would be frozen by tracing, and then the
+eager function is used instead (with a warning). The graph is emitted as Python that calls each op's
+C++ entry point directly (FX's own generated code goes through the slower Python OpOverload wrappers).
 """
 from __future__ import annotations
 
@@ -29,31 +32,76 @@ _CACHE_SIZE = 32
 _aten = torch.ops.aten
 
 
+def _val(a):
+    return a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+
+
+def _same_meta(*vals) -> bool:
+    """All tensors of one dtype and device (so a fused op promotes and places its result alike)."""
+    ts = [v for v in vals if isinstance(v, Tensor)]
+    return len(ts) == len(vals) and len({(t.dtype, t.device) for t in ts}) == 1
+
+
+def _fuse(graph: torch.fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != _aten.add.Tensor or node.kwargs:
+            continue
+        a, b = node.args
+        for acc, prod in ((a, b), (b, a)):
+            if not (isinstance(prod, torch.fx.Node) and isinstance(acc, torch.fx.Node) and len(prod.users) == 1):
+                continue
+            if prod.target == _aten.mul.Tensor and not prod.kwargs:
+                x, y = prod.args
+                if isinstance(y, torch.fx.Node) and isinstance(x, torch.fx.Node) and _same_meta(_val(acc), _val(x), _val(y), _val(node)):
+                    new = (_aten.addcmul.default, (acc, x, y))
+                elif isinstance(x, torch.fx.Node) and isinstance(y, (int, float)) and _same_meta(_val(acc), _val(x), _val(node)):
+                    new = (_aten.add.Tensor, (acc, x), {"alpha": y})
+                else:
+                    continue
+            elif (prod.target == _aten.mm.default and _val(acc) is not None and _val(acc).ndim == 1
+                  and _same_meta(_val(acc), _val(prod), _val(node)) and _val(node).shape == _val(prod).shape):
+                new = (_aten.addmm.default, (acc, *prod.args))
+            else:
+                continue
+            with graph.inserting_before(node):
+                fused = graph.call_function(new[0], new[1], new[2] if len(new) > 2 else {})
+            fused.meta = dict(node.meta)
+            node.replace_all_uses_with(fused)
+            graph.erase_node(node)
+            graph.erase_node(prod)
+            break
+
+
 def _simplify(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
+        src_val, out = (_val(node.args[0]) if node.args else None), node.meta.get("val")
         if node.target == _aten._efficientzerotensor.default:
             node.target = _aten.zeros.default
         elif node.target == _aten.alias.default:
             node.replace_all_uses_with(node.args[0])
-        elif node.target == _aten._to_copy.default:
-            src, out = node.args[0], node.meta.get("val")
-            src_val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-            if (isinstance(src_val, Tensor) and isinstance(out, Tensor) and src_val.dtype == out.dtype
-                    and src_val.device == out.device and src_val.layout == out.layout and out.device.type != "meta"):
-                node.replace_all_uses_with(src)        # a materialising copy that changes nothing
+        elif node.target in (_aten.expand.default, _aten.view.default, _aten._to_copy.default):
+            # an expand or view to the shape it already has, or a copy that changes nothing
+            if (isinstance(src_val, Tensor) and isinstance(out, Tensor) and src_val.shape == out.shape
+                    and src_val.dtype == out.dtype and src_val.device == out.device and src_val.layout == out.layout
+                    and out.device.type != "meta"):
+                node.replace_all_uses_with(node.args[0])
+    graph.eliminate_dead_code()
+    _fuse(graph)
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
 
 
-def _to_python(gm: torch.fx.GraphModule) -> Callable:
-    """Straight-line Python for the graph: one call per op node, ops bound to their C++ callables."""
+def _to_python(gm: torch.fx.GraphModule, invariant: Sequence[int]) -> Callable:
+    """`bind(*invariant inputs) -> step(*other inputs)`: straight-line code, one call per op node,
+    ops bound to their C++ callables; ops that depend on invariant inputs and constants only run in bind."""
     names: dict[torch.fx.Node, str] = {}
     ns: dict[str, object] = {}
-    params, lines = [], []
+    hoisted: set[torch.fx.Node] = set()
+    bind_params, step_params, bind_lines, step_lines = [], [], [], []
 
     def render(a):
         if isinstance(a, torch.fx.Node):
@@ -70,59 +118,91 @@ def _to_python(gm: torch.fx.GraphModule) -> Callable:
         ns[key] = a
         return key
 
+    k = 0
     for i, node in enumerate(gm.graph.nodes):
         if node.op == "get_attr":                  # tensors the step closes over, kept by reference
             names[node] = _const(getattr(gm, node.target))
+            hoisted.add(node)
         elif node.op == "placeholder":
             names[node] = f"a{i}"
-            params.append(names[node])
+            (bind_params if k in invariant else step_params).append(names[node])
+            if k in invariant:
+                hoisted.add(node)
+            k += 1
         elif node.op == "call_function":
             fn = node.target._op if isinstance(node.target, torch._ops.OpOverload) else node.target
             key = _const(fn)
-            args = [render(a) for a in node.args] + [f"{k}={render(v)}" for k, v in node.kwargs.items()]
+            args = [render(a) for a in node.args] + [f"{k_}={render(v)}" for k_, v in node.kwargs.items()]
             names[node] = f"v{i}"
-            lines.append(f"    v{i} = {key}({', '.join(args)})")
+            seeded = isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+            inv = not seeded and all(a in hoisted for a in node.all_input_nodes)
+            (bind_lines if inv else step_lines).append(f"{'    ' if inv else '        '}v{i} = {key}({', '.join(args)})")
+            if inv:
+                hoisted.add(node)
         elif node.op == "output":
-            lines.append(f"    return {render(node.args[0])}")
+            step_lines.append(f"        return {render(node.args[0])}")
         else:
             raise NotImplementedError(f"graph node of kind {node.op!r}")
-    src = f"def step({', '.join(params)}):\n" + "\n".join(lines) + "\n"
-    exec(compile(src, "<sdekit.sensitivity traced step>", "exec"), ns)
-    return ns["step"]
+    src = (f"def bind({', '.join(bind_params)}):\n" + "".join(l + "\n" for l in bind_lines)
+           + f"    def step({', '.join(step_params)}):\n" + "\n".join(step_lines) + "\n    return step\n")
+    exec(compile(src, "<sdekit traced step>", "exec"), ns)
+    return ns["bind"]
+
+
+def _eager_bind(fn: Callable, invariant: Sequence[int], n_args: int) -> Callable:
+    """The bind/step interface around the untraced fn."""
+    def bind(*inv):
+        def step(*rest):
+            it_inv, it_rest = iter(inv), iter(rest)
+            return fn(*(next(it_inv) if i in invariant else next(it_rest) for i in range(n_args)))
+        return step
+    return bind
 
 
 def _allclose(a, b) -> bool:
+    """Equal to round-off: fused ops (addcmul, addmm) round differently, by a few ulps of the dtype."""
     a, b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
-    return len(a) == len(b) and all(x.shape == y.shape and torch.allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True)
-                                    for x, y in zip(a, b))
+
+    def close(x, y):
+        eps = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
+        scale = float(y.abs().max()) if y.numel() else 0.0
+        return torch.allclose(x, y, rtol=1e4 * eps, atol=1e4 * eps * scale, equal_nan=True)
+    return len(a) == len(b) and all(x.shape == y.shape and close(x, y) for x, y in zip(a, b))
 
 
-def trace_step(fn: Callable, example: Sequence[Tensor], check: Sequence[Tensor]) -> Callable:
-    """fn traced on `example` and simplified, if it reproduces fn on `check`; else fn itself."""
+def trace_step(fn: Callable, example: Sequence[Tensor], check: Sequence[Tensor], invariant: Sequence[int] = ()) -> Callable:
+    """fn traced on `example`, simplified, as `bind(*example[i] for i in invariant) -> step(*the others)`,
+    if it reproduces fn on `check`; else the same interface around fn itself (eager, with a warning)."""
     example = [e.detach() for e in example]
     check = [c.detach() for c in check]
+    split = lambda args: ([a for i, a in enumerate(args) if i in invariant], [a for i, a in enumerate(args) if i not in invariant])
     try:
-        gm = _to_python(_simplify(torch.fx.experimental.proxy_tensor.make_fx(fn)(*example)))
-        if _allclose(gm(*check), fn(*check)):
-            return gm
+        with torch.no_grad():
+            bind = _to_python(_simplify(torch.fx.experimental.proxy_tensor.make_fx(fn)(*example)), invariant)
+            inv, rest = split(check)
+            if _allclose(bind(*inv)(*rest), fn(*check)):
+                return bind
         reason = "the traced step disagrees with the eager one (value-dependent control flow?)"
     except Exception as err:  # tracing is an optimisation; any failure means "run eagerly"
         reason = f"{type(err).__name__}: {err}"
-    warnings.warn(f"sensitivity: running the step eagerly (slower) because it could not be traced: {reason}",
+    warnings.warn(f"sdekit: running the step eagerly (slower) because it could not be traced: {reason}",
                   RuntimeWarning, stacklevel=3)
-    return fn
+    return _eager_bind(fn, invariant, len(example))
 
 
-def cached_trace(key: tuple, make_fn: Callable[[], Callable], example: Sequence[Tensor], check: Sequence[Tensor]) -> Callable:
-    """`trace_step(make_fn(), example, check)`, remembered under key (which must pin f, g, scheme, shapes, dtype).
+def cached_trace(key: tuple, make_fn: Callable[[], Callable], example: Sequence[Tensor], check: Sequence[Tensor],
+                 invariant: Sequence[int] = ()) -> Callable:
+    """`trace_step(make_fn(), example, check, invariant)`, remembered under key (which must pin f, g, scheme,
+    shapes, dtype and device).
 
     A repeated solve of the same problem then pays for tracing once; f and g are held by the cache
     (at most 32 entries), so they should be pure functions of (t, x, theta).
     """
+    key = (*key, tuple(invariant))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    fn = trace_step(make_fn(), example, check)
+    fn = trace_step(make_fn(), example, check, invariant)
     _CACHE[key] = fn
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
