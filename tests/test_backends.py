@@ -16,13 +16,6 @@ jax.config.update("jax_enable_x64", True)   # float64 comparisons to round-off; 
 from sdekit.backends import diffrax as dfx_backend  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mixture() -> sdekit.GaussianMixture:
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)

@@ -10,13 +10,6 @@ from sdekit.estimators.families import CONTINUOUS, Concrete, make_family
 Z = 4.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)

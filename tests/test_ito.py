@@ -9,14 +9,6 @@ from sdekit import ito
 Z = 4.0  # tolerance in standard errors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: thread hand-off costs more than it saves on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)

@@ -10,13 +10,6 @@ import sdekit
 from sdekit.likelihood import bits_per_dim, dequantize, log_likelihood
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mixture3d() -> sdekit.GaussianMixture:
     """Full-covariance 3-D mixture (so the Jacobian has off-diagonal terms)."""

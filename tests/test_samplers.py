@@ -20,14 +20,6 @@ SDES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny batched linear algebra: thread hand-off costs more than the work on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mixture(dtype=torch.float64) -> sdekit.GaussianMixture:
     """Three anisotropic, unequally weighted modes (close enough for curved probability-flow paths)."""

@@ -14,13 +14,6 @@ vae = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(vae)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def digits():
