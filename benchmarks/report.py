@@ -18,7 +18,7 @@ def targets(result: dict) -> list[dict]:
     sim = result.get("simulation")
     if sim:
         ok = [r for r in sim["rows"] if "median_s" in r]
-        for method in ("sdekit euler", "sdekit milstein"):
+        for method in ("sdekit euler", "sdekit milstein", "sdekit euler compiled"):
             v = [r["speedup_vs_plain"] for r in ok if r["method"] == method]
             if v:
                 out.append(dict(target=f"{method} vs plain torch loop (min over problems, batches)", value=min(v), bound=">= 1.0",
