@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..sde import SDE
 
-__all__ = ["reverse_sde", "ITO_METHODS", "STRATONOVICH_METHODS"]
+__all__ = ["reverse_sde", "GridBrownian", "ITO_METHODS", "STRATONOVICH_METHODS"]
 
 ITO_METHODS = ("euler", "milstein", "srk")
 STRATONOVICH_METHODS = ("heun", "midpoint", "euler_heun", "log_ode", "milstein", "reversible_heun")
@@ -44,37 +44,58 @@ class _ReverseSDE(torch.nn.Module):
         return self.sde.diffusion((-s).to(y.dtype)).expand(y.shape)
 
 
-class _GivenIncrements(torchsde.BaseBrownian):
-    """Brownian motion that returns given increments dW[i] (N, B, D) over the grid interval [s_i, s_{i+1}]."""
+class GridBrownian(torchsde.BaseBrownian):
+    """A torchsde Brownian path through given increments dW: (N, B, D) on an increasing grid: (N+1,).
 
-    __slots__ = ("_grid", "_dW")
+    A query over one grid interval [grid[i], grid[i+1]] returns dW[i] exactly (so a fixed-step solve on
+    the grid uses exactly these increments); W at other times interpolates the cumulative sums linearly.
+    strict=True refuses any query that is not one grid interval, so a solver that sub-steps fails loudly.
+    """
 
-    def __init__(self, grid: Tensor, dW: Tensor):
-        self._grid, self._dW = grid, dW
+    __slots__ = ("grid", "dW", "W", "strict")
+
+    def __init__(self, grid: Tensor, dW: Tensor, strict: bool = False):
+        self.grid, self.dW, self.strict = grid.contiguous(), dW, strict
+        self.W = torch.cat([torch.zeros_like(dW[:1]), dW.cumsum(0)])          # (N+1, B, D)
+
+    def _at(self, t) -> Tensor:
+        t = torch.as_tensor(t, dtype=self.grid.dtype).clamp(self.grid[0], self.grid[-1])
+        i = int(torch.searchsorted(self.grid, t.reshape(1), right=True).clamp(1, len(self.grid) - 1))
+        w = (t - self.grid[i - 1]) / (self.grid[i] - self.grid[i - 1])
+        return self.W[i - 1] + w.to(self.W.dtype) * (self.W[i] - self.W[i - 1])
+
+    def _interval(self, ta, tb) -> int | None:
+        i = int(torch.argmin((self.grid - float(ta)).abs()))
+        tol = 1e-9 * max(1.0, abs(float(tb)))
+        if i < len(self.dW) and abs(float(ta) - float(self.grid[i])) <= tol and abs(float(tb) - float(self.grid[i + 1])) <= tol:
+            return i
+        return None
 
     def __call__(self, ta, tb=None, return_U=False, return_A=False):
-        if tb is None or return_U or return_A:
-            raise ValueError("given increments only provide W(t_{i+1}) - W(t_i) over grid intervals; "
-                             "use a method that needs no Levy area (euler, milstein, heun, midpoint, euler_heun)")
-        i = int(torch.argmin((self._grid - float(ta)).abs()))
-        if i >= len(self._dW) or abs(float(tb) - float(self._grid[i + 1])) > 1e-9 * max(1.0, abs(float(tb))):
-            raise ValueError(f"requested increment over [{float(ta)}, {float(tb)}], which is not one grid interval")
-        return self._dW[i]
+        if return_U or return_A:
+            raise ValueError("given increments carry no Levy area; use a method that needs none "
+                             "(euler, milstein, heun, midpoint, euler_heun)")
+        i = None if tb is None else self._interval(ta, tb)
+        if i is not None:
+            return self.dW[i]
+        if self.strict:
+            raise ValueError(f"requested the path over [{float(ta)}, {tb if tb is None else float(tb)}], which is not one grid interval")
+        return self._at(ta) if tb is None else self._at(tb) - self._at(ta)
 
     def __repr__(self):
-        return f"_GivenIncrements(steps={len(self._dW)})"
+        return f"GridBrownian(steps={len(self.dW)})"
 
     @property
     def dtype(self):
-        return self._dW.dtype
+        return self.dW.dtype
 
     @property
     def device(self):
-        return self._dW.device
+        return self.dW.device
 
     @property
     def shape(self):
-        return self._dW.shape[1:]
+        return self.dW.shape[1:]
 
     @property
     def levy_area_approximation(self):
@@ -107,7 +128,7 @@ def reverse_sde(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, method: 
             raise ValueError(f"method {method!r} needs Levy area, which explicit increments do not provide")
         dW = torch.sqrt(grid[1:] - grid[:-1]).reshape(-1, 1, 1) * noise.reshape(len(ts) - 1, B, -1).to(grid)
         dW = dW.to(x.dtype)
-        bm = _GivenIncrements(grid, dW)
+        bm = GridBrownian(grid, dW, strict=True)
         dt = None
     else:
         entropy = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
