@@ -10,11 +10,7 @@ from sdekit.images import load_images
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)   # small convolutions run fastest on one thread
-    model, record = digits_classifier(tmp_path_factory.mktemp("clf"))
-    torch.set_num_threads(old)
-    return model, record
+    return digits_classifier(tmp_path_factory.mktemp("clf"))
 
 
 def test_classifier_reaches_stated_accuracy_and_is_cached(classifier, tmp_path_factory):

@@ -8,13 +8,6 @@ from sdekit.guidance import guided_score
 from sdekit.precond import Denoiser
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _denoiser(num_classes=10, sde=None):
     torch.manual_seed(0)

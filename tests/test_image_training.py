@@ -17,13 +17,6 @@ TINY = ["model.options.channels=8", "model.options.attn_resolutions=[]", "train.
         "train.warmup_steps=1", "train.steps=4", "train.ckpt_every=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def test_edm_weighting_gives_unit_weight_on_the_network_target(float64):
     """lambda(sigma) ||D - x0||^2 = ||F - F_target||^2 with F_target = (x0 - c_skip x) / c_out: EDM's effective weight is 1."""

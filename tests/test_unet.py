@@ -5,14 +5,6 @@ import torch
 from models.unet import UNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small convolutions: one thread avoids thread hand-off costs that dominate on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.mark.parametrize("shape, options", [
     ((1, 8, 8), dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))),
