@@ -119,7 +119,7 @@ def markdown(result: dict) -> str:
                   + ", ".join(f"{k} {v:.2f}" for k, v in acc["slopes"].items() if v is not None)]
         elif "error" in acc:
             L += ["", f"Accuracy report failed: {acc['error']}"]
-        L += [f"", f"{smp['note']}", ""]
+        L += ["", f"{smp['note']}", ""]
     tr = result.get("training")
     if tr:
         L += ["## Training", "", "| config | processes | steps/s | vs 1 process |", "|---|---:|---:|---:|"]

@@ -6,7 +6,6 @@ figure is a ratio against a baseline measured in the same run, from medians of i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

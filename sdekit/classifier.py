@@ -59,8 +59,6 @@ def train_classifier(x: Tensor, y: Tensor, n_classes: int, seed: int = 0, epochs
                      lr: float = 2e-3, width: int = 32, features: int = 128, max_shift: int = 1,
                      progress: bool = False) -> DigitsClassifier:
     """Train on x: (N, C, H, W), y: (N,) with every random draw (init, order, shifts) from `seed`."""
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
