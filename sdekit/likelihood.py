@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .rng import draw
 from .samplers.noise import check_noise
 from .samplers.rk45 import dopri5
 from .sde import SDE
@@ -30,8 +31,8 @@ PROBES = ("rademacher", "gaussian")
 
 def _probe(x: Tensor, kind: str, generator: torch.Generator | None) -> Tensor:
     if kind == "rademacher":
-        return torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return draw(torch.randint, 0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+    return draw(torch.randn, x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 def _divergence(v: Tensor, x: Tensor, probe: Tensor | None) -> Tensor:
@@ -112,7 +113,7 @@ def dequantize(x_int: Tensor, n_bins: int = 256, data_range: Sequence[float] = (
     if (x_int < 0).any() or (x_int >= n_bins).any():
         raise ValueError(f"dequantize: values must lie in [0, {n_bins - 1}], got range [{float(x_int.min())}, {float(x_int.max())}]")
     dtype = dtype or torch.get_default_dtype()
-    u = torch.rand(x_int.shape, generator=generator, dtype=dtype, device=x_int.device)
+    u = draw(torch.rand, x_int.shape, generator=generator, dtype=dtype, device=x_int.device)
     a, b = (float(v) for v in data_range)
     return a + (b - a) * (x_int.to(dtype) + u) / n_bins
 

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .rng import draw
+
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "SDES", "make_sde", "broadcast_like", "per_sample_t"]
 
 
@@ -102,10 +104,7 @@ class SDE(ABC):
     def prior_sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype | None = None, device=None) -> Tensor:
         """x_T ~ N(0, prior_std^2 I) of the given shape."""
-        # Draw where the generator lives, then move: a CPU generator gives the same x_T on every device.
-        draw_on = generator.device if generator is not None else device
-        x = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=draw_on)
-        return self.prior_std * (x.to(device) if device is not None else x)
+        return self.prior_std * draw(torch.randn, tuple(shape), generator=generator, dtype=dtype, device=device)
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
         """log N(x; 0, prior_std^2 I) per sample. x: (B, *S) -> (B,)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rng import draw
+
 __all__ = ["check_noise", "step_noise"]
 
 
@@ -26,6 +28,4 @@ def step_noise(noise: Tensor | None, k: int, x: Tensor, generator: torch.Generat
     """The k-th standard normal draw like x: noise[k], or a fresh draw from generator."""
     if noise is not None:
         return noise[k].to(dtype=x.dtype, device=x.device)
-    # Draw where the generator lives (a CPU generator drives a CUDA run reproducibly), then move.
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+    return draw(torch.randn, x.shape, generator=generator, dtype=x.dtype, device=x.device)
