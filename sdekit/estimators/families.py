@@ -14,6 +14,7 @@ differentiable in theta); Gamma uses implicit reparameterization through torch's
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
@@ -34,7 +35,7 @@ def uniform_open(shape, *, generator: torch.Generator | None, dtype=DTYPE) -> Te
     return torch.rand(shape, generator=generator, dtype=dtype).clamp(eps, 1 - eps)
 
 
-class Family:
+class Family(ABC):
     """Base class. Subclasses set name, d, theta0: (P,), labels: list of P names, and implement
     `split`, `log_prob`, and `rsample` (reparameterizable) or `sample` (discrete)."""
 
@@ -67,9 +68,9 @@ class Family:
         with torch.no_grad():
             return self.rsample(theta.detach(), generator=generator)
 
+    @abstractmethod
     def log_prob(self, theta: Tensor, z: Tensor) -> Tensor:
         """log q_theta(z): (n,) for theta: (n, P), z: (n, d)."""
-        raise NotImplementedError
 
     def mean(self, theta: Tensor) -> Tensor:
         """E[z]: (d,) for one parameter vector theta: (P,), differentiable (used by control variates)."""
@@ -86,8 +87,9 @@ class _LocScale(Family):
         theta = self.check(theta)
         return theta[:, : self.d], theta[:, self.d:]
 
+    @abstractmethod
     def base(self, shape, generator) -> Tensor:
-        raise NotImplementedError
+        """Standard draws eps of the family's base law, of the given shape."""
 
     def rsample(self, theta, *, generator=None):
         loc, scale = self.split(theta)
