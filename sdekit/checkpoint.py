@@ -56,7 +56,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, groups: dict[str, dict[str, Tensor]], meta: dict) -> Path:
-    """Write run_dir/checkpoints/step_XXXXXXXX atomically and return its path."""
+    """Write run_dir/checkpoints/step_<8-digit step> atomically and return its path."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data import check_finite
+
 __all__ = ["ImageData", "IMAGE_DATASETS", "load_images", "load_digits", "load_npz", "load_image_folder",
            "split", "image_bin_width"]
 
@@ -75,10 +77,7 @@ def _scale(a: np.ndarray, value_range, where: str) -> tuple[Tensor, int | None]:
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise ValueError(f"{where}: images must be integers or floats, got dtype {a.dtype}")
     x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{where} contains {int(bad.sum())} NaN/Inf value(s), first at index {first}")
+    check_finite(x, where)
     levels = None
     if value_range is None:
         lo_x, hi_x = float(x.min()), float(x.max())
