@@ -133,12 +133,8 @@ class EMA:
         return self.shadow
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing = set(self.shadow) ^ set(state)
-        if missing:
-            raise CheckpointError(f"EMA weights do not match the model: differing keys {sorted(missing)[:5]}")
+        check_weights_fit(self.shadow, state, "EMA weights")
         for k, v in state.items():
-            if v.shape != self.shadow[k].shape:
-                raise CheckpointError(f"EMA weight {k!r} has shape {tuple(v.shape)}, the model needs {tuple(self.shadow[k].shape)}")
             self.shadow[k].copy_(v)
 
 
@@ -153,8 +149,8 @@ def lr_lambda(cfg) -> callable:
     return factor
 
 
-def _load_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
-    own = model.state_dict()
+def check_weights_fit(own: dict[str, Tensor], state: dict[str, Tensor], where: str) -> None:
+    """Raise CheckpointError naming the first key or shape in `state` that does not fit the tensors `own`."""
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing or unexpected:
         raise CheckpointError(f"{where}: weights do not fit this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
@@ -162,6 +158,10 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> Non
         if v.shape != own[k].shape:
             raise CheckpointError(f"{where}: weight {k!r} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)} "
                                   "(was the checkpoint trained with another model config?)")
+
+
+def _load_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    check_weights_fit(model.state_dict(), state, where)
     model.load_state_dict(state)
 
 
