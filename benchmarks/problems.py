@@ -66,14 +66,21 @@ def neural(P: int = 4, d: int = 16, hidden: int = 64, device="cpu", dtype=torch.
     return Problem(f"neural{d}", d, f, g, dg, to(theta), x0, params)
 
 
-def plain_loop(p: Problem, x0: Tensor, T: float, N: int, generator: torch.Generator) -> Tensor:
-    """The textbook loop a user would write: fresh normals every step, out-of-place update."""
+def plain_loop(p: Problem, x0: Tensor, T: float, N: int, generator: torch.Generator, milstein: bool = False) -> Tensor:
+    """The textbook loop a user would write: fresh normals every step, out-of-place update.
+
+    milstein=True adds the diagonal-noise correction 0.5 g dg/dx (dW^2 - h) with the problem's hand-written dg.
+    """
     h, sh = T / N, math.sqrt(T / N)
     x, th = x0, p.theta
     for n in range(N):
         t = torch.tensor(n * h)
         dw = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * sh
-        x = x + p.f(t, x, th) * h + p.g(t, x, th) * dw
+        gx = p.g(t, x, th)
+        dx = p.f(t, x, th) * h + gx * dw
+        if milstein:
+            dx = dx + 0.5 * gx * p.dg(t, x, th) * (dw * dw - h)
+        x = x + dx
     return x
 
 

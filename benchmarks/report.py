@@ -18,14 +18,16 @@ def targets(result: dict) -> list[dict]:
     sim = result.get("simulation")
     if sim:
         ok = [r for r in sim["rows"] if "median_s" in r]
-        for method in ("sdekit euler", "sdekit milstein", "sdekit euler compiled"):
-            v = [r["speedup_vs_plain"] for r in ok if r["method"] == method]
+        # The default simulator is held to the targets; the compiled row is an opt-in fast path, reported in the table.
+        for method, scheme in (("sdekit euler", "Euler"), ("sdekit milstein", "Milstein")):
+            v = [r["speedup_vs_plain_same_scheme"] for r in ok if r["method"] == method and "speedup_vs_plain_same_scheme" in r]
             if v:
-                out.append(dict(target=f"{method} vs plain torch loop (min over problems, batches)", value=min(v), bound=">= 1.0",
-                                met=min(v) >= 1.0))
+                out.append(dict(target=f"{method} vs plain {scheme} torch loop (min over problems, batches)", value=min(v),
+                                bound=">= 1.0", met=min(v) >= 1.0))
             v = [r["speedup_vs_torchsde"] for r in ok if r["method"] == method and "speedup_vs_torchsde" in r]
             if v:
-                out.append(dict(target=f"{method} vs torchsde.sdeint (min)", value=min(v), bound=">= 2.5", met=min(v) >= 2.5))
+                out.append(dict(target=f"{method} vs torchsde.sdeint {scheme} (min)", value=min(v), bound=">= 2.5",
+                                met=min(v) >= 2.5))
     sens = result.get("sensitivity")
     if sens:
         rows = [r for r in sens["rows"] if r["sweep"] == "steps" and "median_s" in r]
@@ -61,7 +63,8 @@ def markdown(result: dict) -> str:
     sim = result.get("simulation")
     if sim:
         L += [f"## Simulation throughput ({sim['steps']} steps, float32)", "",
-              "Speed-up over the plain torch loop (path-steps/s of the loop in brackets).", ""]
+              "Speed-up over the plain Euler torch loop (path-steps/s of the loop in brackets); the targets compare "
+              "each scheme with the plain loop and torchsde running the same scheme.", ""]
         for prob in dict.fromkeys(r["problem"] for r in sim["rows"]):
             rows = [r for r in sim["rows"] if r["problem"] == prob]
             Bs = sorted({r["batch"] for r in rows})

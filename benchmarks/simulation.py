@@ -1,7 +1,8 @@
 """SDE simulation throughput (path-steps per second): sdekit's simulator against the usual ways to simulate.
 
 Rows per (problem, batch): sdekit.simulate Euler-Maruyama and Milstein (traced step; torch.compile'd with --compile),
-the plain torch loop (baseline of every ratio), torchsde.sdeint (Euler, its default BrownianInterval),
+the plain torch loop in Euler (baseline of the tables) and Milstein form, torchsde.sdeint (Euler and Milstein, its
+default BrownianInterval),
 a jitted JAX lax.scan, and diffrax Euler vmapped over paths with pre-generated increments and with a
 VirtualBrownianTree. Every method draws its own noise inside the timed region.
 """
@@ -18,18 +19,30 @@ from .timing import interleaved
 
 T = 1.0
 
+# Each sdekit row is judged against the plain loop and torchsde running the same scheme.
+SAME_SCHEME_BASELINES = {
+    "sdekit euler": ("plain torch loop", "torchsde sdeint"),
+    "sdekit euler compiled": ("plain torch loop", "torchsde sdeint"),
+    "sdekit milstein": ("plain torch loop (milstein)", "torchsde sdeint (milstein)"),
+    "sdekit milstein (jvp)": ("plain torch loop (milstein)", "torchsde sdeint (milstein)"),
+}
 
-def torch_methods(p: problems.Problem, B: int, N: int, device: str, compile_mode: str | None) -> dict:
+
+def torch_methods(p: problems.Problem, B: int, N: int, device: str, compile_mode: str | None,
+                  heavy: bool = False) -> dict:
+    """The torch rows; `heavy` keeps only those the targets need (plain loop, sdekit, torchsde)."""
     x0 = p.x0(B)
     ts = torch.linspace(0.0, T, N + 1, device=device, dtype=x0.dtype)
     gen = lambda: torch.Generator(device=device).manual_seed(0)
     m = {
         "plain torch loop": lambda: problems.plain_loop(p, x0, T, N, gen()),
+        "plain torch loop (milstein)": lambda: problems.plain_loop(p, x0, T, N, gen(), milstein=True),
         "sdekit euler": lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="euler", generator=gen()),
         "sdekit milstein": lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="milstein", generator=gen(), dg=p.dg),
-        "sdekit milstein (jvp)": lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="milstein", generator=gen()),
     }
-    if compile_mode:
+    if not heavy:
+        m["sdekit milstein (jvp)"] = lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="milstein", generator=gen())
+    if compile_mode and not heavy:
         m["sdekit euler compiled"] = lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="euler", generator=gen(),
                                                       compile=compile_mode)
     try:
@@ -37,12 +50,14 @@ def torch_methods(p: problems.Problem, B: int, N: int, device: str, compile_mode
         sde = problems.torchsde_module(p)
         ts2 = torch.tensor([0.0, T], device=device, dtype=x0.dtype)
         m["torchsde sdeint"] = lambda: torchsde.sdeint(sde, x0, ts2, method="euler", dt=T / N)[-1]
+        m["torchsde sdeint (milstein)"] = lambda: torchsde.sdeint(sde, x0, ts2, method="milstein", dt=T / N)[-1]
     except ImportError:
         pass
     return m
 
 
-def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: float) -> tuple[dict, list[str]]:
+def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: float,
+                heavy: bool = False) -> tuple[dict, list[str]]:
     """JAX rows that fit the memory cap; notes for those skipped."""
     import jax
     from . import jax_sims as J
@@ -52,7 +67,7 @@ def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: 
     notes, m = [], {}
     scan = J.scan_solver(f, g, T, N)
     m["jax lax.scan (jit)"] = lambda: J.block(scan(x0, th, key))
-    if B * N * p.d <= max_elements:
+    if B * N * p.d <= max_elements and not heavy:
         inc = J.diffrax_solver(f, g, T, N, "increments")
 
         def pregen():
@@ -62,7 +77,7 @@ def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: 
     else:
         notes.append(f"diffrax pre-generated skipped at B={B}: B*N*d = {B * N * p.d:.1e} increments exceed the cap {max_elements:.0e}")
     vbt_cap = 1000 if quick else 4096
-    if B <= vbt_cap:
+    if B <= vbt_cap and not heavy:
         vbt = J.diffrax_solver(f, g, T, N, "vbt")
         m["diffrax VirtualBrownianTree"] = lambda: J.block(vbt(x0, th, key))
     else:
@@ -77,14 +92,19 @@ def run(quick: bool, device: str, repeats: int, compile_mode: str | None, jax_ok
     probs = [problems.gbm(device), problems.neural(device=device)]
     for p in probs:
         for B in batches:
-            m = torch_methods(p, B, N, device, compile_mode)
+            # The neural SDE at B=1e5 takes half a minute per run and method: keep the target rows, fewer repeats.
+            heavy = p.name != "gbm" and B >= 100_000
+            if heavy:
+                notes.append(f"{p.name} at B={B}: only the plain loop, sdekit Euler/Milstein, torchsde and the "
+                             f"JAX scan, {min(repeats, 3)} repeats (each run takes tens of seconds)")
+            m = torch_methods(p, B, N, device, compile_mode, heavy)
             if "torchsde sdeint" not in m:
                 notes.append("torchsde rows skipped: torchsde is not installed")
             if jax_ok and device == "cpu":
-                jm, jn = jax_methods(p, B, N, quick, max_elements=5e7 if not quick else 1e7)
+                jm, jn = jax_methods(p, B, N, quick, max_elements=5e7 if not quick else 1e7, heavy=heavy)
                 m.update(jm)
                 notes += jn
-            res = interleaved(m, repeats, device)
+            res = interleaved(m, min(repeats, 3) if heavy else repeats, device)
             base = res["plain torch loop"]["median_s"]
             for name, r in res.items():
                 row = dict(problem=p.name, d=p.d, batch=B, steps=N, method=name, **r)
@@ -97,8 +117,12 @@ def run(quick: bool, device: str, repeats: int, compile_mode: str | None, jax_ok
     for p in probs:
         for B in batches:
             sub = {r["method"]: r for r in rows if r["problem"] == p.name and r["batch"] == B and "median_s" in r}
-            if "torchsde sdeint" in sub:
-                for k in ("sdekit euler", "sdekit milstein", "sdekit euler compiled"):
-                    if k in sub:
-                        sub[k]["speedup_vs_torchsde"] = sub["torchsde sdeint"]["median_s"] / sub[k]["median_s"]
+            for method, (plain, tsde) in SAME_SCHEME_BASELINES.items():
+                if method not in sub:
+                    continue
+                r = sub[method]
+                if plain in sub:
+                    r["speedup_vs_plain_same_scheme"] = sub[plain]["median_s"] / r["median_s"]
+                if tsde in sub:
+                    r["speedup_vs_torchsde"] = sub[tsde]["median_s"] / r["median_s"]
     return {"rows": rows, "notes": sorted(set(notes)), "steps": N, "batches": list(batches)}

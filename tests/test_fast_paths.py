@@ -185,3 +185,53 @@ def test_benchmark_baselines_agree_with_fast_paths():
     xs2, J2 = straightforward_forward(f, g, x0, theta, ts, dW)
     torch.testing.assert_close(J, J2, rtol=0, atol=1e-10)
     torch.testing.assert_close(backprop(f, g, x0, theta, ts, dW), J[-1].mean((0, 1)), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("milstein", [False, True])
+def test_benchmark_plain_loops_are_the_textbook_schemes(milstein):
+    """The simulation benchmark's plain Euler and Milstein loops (the ratios' baselines) are the textbook maps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import problems
+    p = problems.neural(P=2, d=3, hidden=8, dtype=torch.float64)
+    n, T = 25, 1.0
+    x0 = p.x0(B)
+    got = problems.plain_loop(p, x0, T, n, torch.Generator().manual_seed(3), milstein=milstein)
+    gen = torch.Generator().manual_seed(3)                          # the loop's draws, one step at a time
+    dW = torch.stack([torch.randn(x0.shape, generator=gen, dtype=x0.dtype) for _ in range(n)]) * math.sqrt(T / n)
+    ts = torch.linspace(0.0, T, n + 1, dtype=x0.dtype)
+    want = _reference_path(p.f, p.g, x0, p.theta, ts, dW, "milstein" if milstein else "euler")[-1]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _traced_graph(step, *example):
+    from sdekit.sensitivity import tracing
+    return tracing._simplify(torch.fx.experimental.proxy_tensor.make_fx(step)(*example))
+
+
+def test_tracing_computes_shared_subexpressions_once():
+    """g and dg share sigmoid(c x + e): the traced Milstein step evaluates it once and still equals the eager step."""
+    from sdekit.sensitivity.schemes import step_map
+    c, e = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    f = lambda t, x, th: th[0] * torch.sigmoid(c * x + e)
+    g = lambda t, x, th: th[1] * torch.sigmoid(c * x + e)
+    dg = lambda t, x, th: th[1] * c * torch.sigmoid(c * x + e) * (1 - torch.sigmoid(c * x + e))
+    x0, theta, ts, dW = _inputs()
+    step = step_map("milstein", f, g, dg)
+    gm = _traced_graph(step, ts[0], ts[1] - ts[0], x0, dW[0], theta)
+    assert sum(n.target == torch.ops.aten.sigmoid.default for n in gm.graph.nodes) == 1
+    want = _reference_path(f, g, x0, theta, ts, dW, "milstein")[-1]
+    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, scheme="milstein", dg=dg), want, rtol=1e-12, atol=1e-12)
+
+
+def test_tracing_leaves_in_place_fields_correct():
+    """A field that writes into its intermediates in place: equal-looking nodes are not merged, the path is exact."""
+    def f(t, x, th):
+        y = x * 2.0
+        y.add_(th[0])                     # y now differs from the x * 2.0 that g computes
+        return y
+    g = lambda t, x, th: 0.1 * (x * 2.0)
+    x0, theta, ts, dW = _inputs()
+    gm = _traced_graph(lambda t, h, x, dw, th: x + f(t, x, th) * h + g(t, x, th) * dw, ts[0], ts[1] - ts[0], x0, dW[0], theta)
+    assert sum(n.target == torch.ops.aten.mul.Tensor and n.args[1] == 2.0 for n in gm.graph.nodes) == 2
+    want = _reference_path(f, g, x0, theta, ts, dW, "euler")[-1]
+    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW), want, rtol=1e-12, atol=1e-12)

@@ -5,6 +5,8 @@ Why: in eager PyTorch every op that mixes a dual tensor with a plain one (x * 0.
 when only x carries a tangent) creates an "efficient zero tensor" tangent, and ops on those fall back
 to shape computations on the meta device: about 100x the cost of the op itself on small tensors.
 Tracing with make_fx records the same arithmetic as ordinary aten ops. The passes below then
+  - compute each distinct subexpression once (common-subexpression elimination), as f, g and dg
+    often share work;
   - swap zero tensors for real zeros and drop dead shape checks, aliases, no-op copies and expands;
   - fuse a product into the sum that consumes it (add(a, mul(b, c)) -> addcmul, add(mm, bias) -> addmm),
     since on small tensors a step's cost is the number of ops it launches;
@@ -72,8 +74,54 @@ def _fuse(graph: torch.fx.Graph) -> None:
             break
 
 
+# In-place ops that change only a tensor's shape metadata (matmul's decomposition of a 1-D operand emits squeeze_).
+_METADATA_INPLACE = {_aten.squeeze_, _aten.unsqueeze_, _aten.t_, _aten.transpose_}
+
+
+def _cse(graph: torch.fx.Graph) -> None:
+    """One node per distinct computation (f, g and dg often share subexpressions, e.g. g and its derivative).
+
+    Two call nodes merge when they apply the same op to the same inputs. Skipped for graphs with in-place
+    ops that write data (equal-looking nodes may then see different values); a tensor whose shape an
+    in-place view op changes is never merged. Random ops never merge.
+    """
+    mutable = [n for n in graph.nodes if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    if any(n.target.overloadpacket not in _METADATA_INPLACE for n in mutable):
+        return
+    reshaped = {n.args[0] for n in mutable}
+    seen: dict[tuple, torch.fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            key = ("get_attr", node.target)
+        elif (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node not in reshaped
+              and not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags):
+            try:
+                key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+                hash(key)
+            except TypeError:
+                continue
+        else:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+
+
+def _hashable(a):
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, *map(_hashable, a))
+    if isinstance(a, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in a.items()))
+    if isinstance(a, float) and a != a:
+        return ("nan",)                       # nan != nan would defeat the lookup; it is still the same constant
+    return (type(a).__name__, a)              # type kept: 1 and 1.0 and True are different arguments
+
+
 def _simplify(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = gm.graph
+    _cse(graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
