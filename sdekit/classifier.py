@@ -1,8 +1,9 @@
 """A small digits classifier, trained reproducibly by sdekit itself: the feature extractor of the
 Frechet distance (FD) and the judge of class accuracy for conditional samples (sdekit.image_metrics).
 
-Nothing is downloaded: the network is trained on the digits training split (test_fraction 0.2,
-split seed 0, as configs/digits*.yaml) from a fixed seed in about 10-20 s on 2 CPU cores, and cached under
+Nothing is downloaded: the network is trained on the training split of the run being judged (by default
+test_fraction 0.2, split seed 0, as configs/digits*.yaml), so that its held-out images are never the
+classifier's training data, from a fixed seed in about 10-20 s on 2 CPU cores, and cached per split under
 runs/classifier/ (safetensors + JSON with its held-out accuracy).
 
     python -m sdekit.classifier            # train (or load the cached copy) and print the test accuracy
@@ -92,15 +93,21 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((model(x).argmax(1) == y).double().mean())
 
 
-def digits_classifier(cache_dir: str | Path = "runs/classifier", progress: bool = False) -> tuple[DigitsClassifier, dict]:
-    """The project's digits classifier and its record {'test_accuracy', settings...}: loaded from cache_dir when a
-    copy trained with CLASSIFIER_SETTINGS is there, else trained now and cached (written atomically)."""
+def digits_classifier(cache_dir: str | Path = "runs/classifier", progress: bool = False, split_seed: int | None = None,
+                      test_fraction: float | None = None) -> tuple[DigitsClassifier, dict]:
+    """The project's digits classifier and its record {'test_accuracy', settings...}, trained on the training split
+    (split_seed, test_fraction; CLASSIFIER_SETTINGS' by default): loaded from cache_dir when a copy trained with
+    these settings is there, else trained now and cached (written atomically)."""
     from safetensors.torch import load_file, save_file
 
     from .checkpoint import atomic_write_text
     from .images import load_images
 
-    s = CLASSIFIER_SETTINGS
+    s = dict(CLASSIFIER_SETTINGS)
+    if split_seed is not None:
+        s["split_seed"] = split_seed
+    if test_fraction is not None:
+        s["test_fraction"] = test_fraction
     key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir)
     weights, record_path = cache_dir / f"digits_{key}.safetensors", cache_dir / f"digits_{key}.json"
@@ -126,8 +133,10 @@ def digits_classifier(cache_dir: str | Path = "runs/classifier", progress: bool 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdekit.classifier", description="Train (or load) the digits classifier.")
     p.add_argument("--cache-dir", default="runs/classifier")
+    p.add_argument("--split-seed", type=int, default=None, help="data split seed (default 0, as the digits configs)")
+    p.add_argument("--test-fraction", type=float, default=None, help="held-out fraction (default 0.2)")
     args = p.parse_args(argv)
-    _, record = digits_classifier(args.cache_dir, progress=True)
+    _, record = digits_classifier(args.cache_dir, progress=True, split_seed=args.split_seed, test_fraction=args.test_fraction)
     print(json.dumps(record, indent=1))
     return 0
 

@@ -55,7 +55,7 @@ def evaluate_digits(samples: Tensor, labels: Tensor | None = None, split_seed: i
 
     if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, 8, 8):
         raise ValueError(f"digits samples must be (N, 1, 8, 8), got {tuple(samples.shape)}")
-    clf, record = digits_classifier(cache_dir)
+    clf, record = digits_classifier(cache_dir, split_seed=split_seed, test_fraction=test_fraction)   # never trained on `test`
     train, test = load_images("digits", test_fraction=test_fraction, seed=split_seed)
     n = min(samples.shape[0], len(test))
     f_train = features(clf, train.x)

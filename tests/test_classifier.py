@@ -46,3 +46,22 @@ def test_fd_of_held_out_digits_is_far_below_noise(classifier):
     fd_blur = frechet_distance(features(model, blurred), f_train)
     assert fd_test < 0.15 * fd_noise, (fd_test, fd_noise)
     assert fd_test < fd_blur < fd_noise, (fd_test, fd_blur, fd_noise)   # the distance orders degradations
+
+
+def test_classifier_trains_on_the_judged_runs_training_split(tmp_path, monkeypatch):
+    """FD for a run with data.seed=3 uses a classifier that never saw that run's held-out images."""
+    import sdekit.classifier as C
+    from sdekit.image_metrics import evaluate_digits
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(x, y, *args, **kwargs):
+        seen["x"] = x
+        raise Stop
+    monkeypatch.setattr(C, "train_classifier", capture)
+    with pytest.raises(Stop):
+        evaluate_digits(torch.zeros(4, 1, 8, 8), split_seed=3, test_fraction=0.25, cache_dir=tmp_path)
+    train, _ = load_images("digits", test_fraction=0.25, seed=3)
+    assert torch.equal(seen["x"], train.x)
