@@ -28,11 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default=None, nargs="?", const="default",
                    help="add a torch.compile row for sdekit.simulate, optionally with a mode (e.g. reduce-overhead)")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX/diffrax rows")
+    p.add_argument("--batches", default=None, help="simulation batch sizes, comma-separated (default 1e3,1e4 quick; 1e3,1e4,1e5 full)")
+    p.add_argument("--problems", default="gbm,neural", help="simulation problems, a subset of gbm,neural")
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         p.error(f"unknown section(s) {bad}; expected a subset of {SECTIONS}")
+    which = tuple(s for s in args.problems.split(",") if s)
+    if not which or any(s not in ("gbm", "neural") for s in which):
+        p.error(f"--problems must be a comma-separated subset of gbm,neural, got {args.problems!r}")
+    try:
+        batches = tuple(int(float(b)) for b in args.batches.split(",")) if args.batches else None
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if batches and min(batches) < 1:
+        p.error(f"--batches must be >= 1, got {args.batches!r}")
     if args.threads > 1:
         os.environ.setdefault("XLA_FLAGS", "")
     else:
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{s}]", flush=True)
         if s == "simulation":
             from . import simulation
-            result[s] = simulation.run(args.quick, args.device, repeats, args.compile, jax_ok)
+            result[s] = simulation.run(args.quick, args.device, repeats, args.compile, jax_ok, batches=batches, which=which)
         elif s == "sensitivity":
             from . import sensitivity
             result[s] = sensitivity.run(args.quick, args.device, repeats, jax_ok)

@@ -92,11 +92,12 @@ def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: 
     return m, notes
 
 
-def run(quick: bool, device: str, repeats: int, compile_mode: str | None, jax_ok: bool, progress=print) -> dict:
-    batches = (1_000, 10_000) if quick else (1_000, 10_000, 100_000)
+def run(quick: bool, device: str, repeats: int, compile_mode: str | None, jax_ok: bool, progress=print,
+        batches: tuple[int, ...] | None = None, which: tuple[str, ...] = ("gbm", "neural")) -> dict:
+    batches = batches or ((1_000, 10_000) if quick else (1_000, 10_000, 100_000))
     N = 200 if quick else 1000
     rows, notes = [], []
-    probs = [problems.gbm(device), problems.neural(device=device)]
+    probs = [problems.gbm(device) if name == "gbm" else problems.neural(device=device) for name in which]
     for p in probs:
         for B in batches:
             # The neural SDE at B=1e5 takes half a minute per run and method: keep the target rows, fewer repeats.

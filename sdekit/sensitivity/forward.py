@@ -30,6 +30,8 @@ from .tracing import cached_trace
 
 __all__ = ["forward"]
 
+_BLOCK = 256   # steps whose per-step views exist at once
+
 
 def forward(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor, scheme: str = "euler",
             save: str = "path", J0: Tensor | None = None, trace: bool = True,
@@ -78,14 +80,16 @@ def forward(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tenso
         xs = torch.empty((N + 1, B, d), dtype=x0.dtype, device=x0.device)
         Js = torch.empty((N + 1, P, B, d), dtype=x0.dtype, device=x0.device)
         xs[0], Js[0] = x0, Jt
-    t_list, h_list, dW_list = ts.unbind(0), h.unbind(0), dW.unbind(0)
     x = x0
     with torch.no_grad():
-        for n in range(N):
-            x, Jt = run(t_list[n], h_list[n], x, dW_list[n], Jt)
-            if save == "path":
-                xs[n + 1].copy_(x)
-                Js[n + 1].copy_(Jt)
+        for s in range(0, N, _BLOCK):
+            # per-step views made a block at a time, so that memory with save="end" does not grow with N
+            block = zip(ts[s:s + _BLOCK].unbind(0), h[s:s + _BLOCK].unbind(0), dW[s:s + _BLOCK].unbind(0))
+            for n, (t, hn, dw) in enumerate(block, start=s):
+                x, Jt = run(t, hn, x, dw, Jt)
+                if save == "path":
+                    xs[n + 1].copy_(x)
+                    Js[n + 1].copy_(Jt)
     if save == "end":
         return x, Jt.movedim(0, -1)
     return xs, Js.movedim(1, -1)
