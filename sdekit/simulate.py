@@ -112,9 +112,8 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
                 z = z.mul_(scale[n:n + c, None, None])              # one op per chunk, not per step
             for s in range(0, c, _VIEW_BLOCK):
                 # per-step views, a block at a time: made all at once they cost ~0.7 kB per step, growing with N
-                m = n
-                for t, hn, dw in zip(ts[m:m + _VIEW_BLOCK].unbind(0), h[m:m + _VIEW_BLOCK].unbind(0),
-                                     z[s:s + _VIEW_BLOCK].unbind(0)):
+                k = min(_VIEW_BLOCK, c - s)
+                for t, hn, dw in zip(ts[n:n + k].unbind(0), h[n:n + k].unbind(0), z[s:s + k].unbind(0)):
                     if graphs:
                         torch.compiler.cudagraph_mark_step_begin()
                     x = run(t, hn, x, dw)
