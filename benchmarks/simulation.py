@@ -82,13 +82,13 @@ def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: 
             return J.block(inc(x0, th, dW))
         m["diffrax pre-generated"] = pregen
     else:
-        notes.append(f"diffrax pre-generated skipped at B={B}: B*N*d = {B * N * p.d:.1e} increments exceed the cap {max_elements:.0e}")
+        notes.append(f"diffrax pre-generated skipped for {p.name} at B={B}: B*N*d = {B * N * p.d:.1e} increments exceed the cap {max_elements:.0e}")
     vbt_cap = 1000 if quick else 4096
     if B <= vbt_cap and not heavy:
         vbt = J.diffrax_solver(f, g, T, N, "vbt")
         m["diffrax VirtualBrownianTree"] = lambda: J.block(vbt(x0, th, key))
     else:
-        notes.append(f"diffrax VirtualBrownianTree skipped at B={B} (> {vbt_cap}; about 1e6 path-steps/s, minutes per run)")
+        notes.append(f"diffrax VirtualBrownianTree skipped for {p.name} at B={B} (> {vbt_cap}; about 1e6 path-steps/s, minutes per run)")
     return m, notes
 
 
