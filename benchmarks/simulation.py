@@ -102,9 +102,10 @@ def run(quick: bool, device: str, repeats: int, compile_mode: str | None, jax_ok
         for B in batches:
             # The neural SDE at B=1e5 takes half a minute per run and method: keep the target rows, fewer repeats.
             heavy = p.name != "gbm" and B >= 100_000
+            reps = min(repeats, 3) if heavy else repeats
             if heavy:
                 notes.append(f"{p.name} at B={B}: only the plain loop, sdekit Euler/Milstein, torchsde and the "
-                             f"JAX scan, {min(repeats, 3)} repeats (each run takes tens of seconds)")
+                             f"JAX scan, {reps} repeats (each run takes tens of seconds)")
             m = torch_methods(p, B, N, device, compile_mode, heavy)
             if "torchsde sdeint" not in m:
                 notes.append("torchsde rows skipped: torchsde is not installed")
@@ -112,7 +113,7 @@ def run(quick: bool, device: str, repeats: int, compile_mode: str | None, jax_ok
                 jm, jn = jax_methods(p, B, N, quick, max_elements=5e7 if not quick else 1e7, heavy=heavy)
                 m.update(jm)
                 notes += jn
-            res = interleaved(m, min(repeats, 3) if heavy else repeats, device)
+            res = interleaved(m, reps, device)
             base = res["plain torch loop"]["median_s"]
             for name, r in res.items():
                 row = dict(problem=p.name, d=p.d, batch=B, steps=N, method=name, **r)

@@ -22,12 +22,11 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .sensitivity.schemes import Field, check_inputs, step_map
+from .sensitivity.schemes import Field, check_inputs, per_step, step_map
 from .sensitivity.tracing import cached_trace
 
 __all__ = ["simulate", "normal_chunks", "chunk_steps"]
 
-_VIEW_BLOCK = 256           # steps whose per-step views exist at once
 _CHUNK_ELEMENTS = 1 << 18   # ~1 MiB of float32 normals per draw: large enough to amortise the call, small enough for L2
 
 
@@ -110,16 +109,13 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
             c = z.shape[0]
             if scale is not None:
                 z = z.mul_(scale[n:n + c, None, None])              # one op per chunk, not per step
-            for s in range(0, c, _VIEW_BLOCK):
-                # per-step views, a block at a time: made all at once they cost ~0.7 kB per step, growing with N
-                k = min(_VIEW_BLOCK, c - s)
-                for t, hn, dw in zip(ts[n:n + k].unbind(0), h[n:n + k].unbind(0), z[s:s + k].unbind(0)):
-                    if graphs:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    x = run(t, hn, x, dw)
-                    n += 1
-                    if path is not None:
-                        path[n].copy_(x)
+            for t, hn, dw in per_step(ts[n:n + c], h[n:n + c], z):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                x = run(t, hn, x, dw)
+                n += 1
+                if path is not None:
+                    path[n].copy_(x)
         return path if path is not None else (x.clone() if graphs or x is x0 else x)
 
 

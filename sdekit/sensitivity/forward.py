@@ -25,12 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schemes import Field, check_inputs, step_map
+from .schemes import Field, check_inputs, per_step, step_map
 from .tracing import cached_trace
 
 __all__ = ["forward"]
-
-_BLOCK = 256   # steps whose per-step views exist at once
 
 
 def forward(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor, scheme: str = "euler",
@@ -82,14 +80,11 @@ def forward(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tenso
         xs[0], Js[0] = x0, Jt
     x = x0
     with torch.no_grad():
-        for s in range(0, N, _BLOCK):
-            # per-step views made a block at a time, so that memory with save="end" does not grow with N
-            block = zip(ts[s:s + _BLOCK].unbind(0), h[s:s + _BLOCK].unbind(0), dW[s:s + _BLOCK].unbind(0))
-            for n, (t, hn, dw) in enumerate(block, start=s):
-                x, Jt = run(t, hn, x, dw, Jt)
-                if save == "path":
-                    xs[n + 1].copy_(x)
-                    Js[n + 1].copy_(Jt)
+        for n, (t, hn, dw) in enumerate(per_step(ts, h, dW)):
+            x, Jt = run(t, hn, x, dw, Jt)
+            if save == "path":
+                xs[n + 1].copy_(x)
+                Js[n + 1].copy_(Jt)
     if save == "end":
         return x, Jt.movedim(0, -1)
     return xs, Js.movedim(1, -1)

@@ -13,13 +13,13 @@ then those of the reverse-time motion, whose quadratic variation over a step is 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 __all__ = ["euler_step", "milstein_step", "heun_step", "SCHEMES", "STRONG_ORDER", "SDE_SENSE", "step_map",
-           "check_inputs", "brownian_increments"]
+           "check_inputs", "brownian_increments", "per_step"]
 
 Field = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -118,3 +118,14 @@ def brownian_increments(ts: Tensor, shape: tuple[int, ...], generator: torch.Gen
     h = (ts[1:] - ts[:-1]).abs()
     z = torch.randn((h.shape[0], *shape), generator=generator, dtype=ts.dtype, device=ts.device)
     return z * h.sqrt().reshape(-1, *([1] * len(shape)))
+
+
+def per_step(*seqs: Tensor, block: int = 256) -> Iterator[tuple[Tensor, ...]]:
+    """(seqs[0][n], seqs[1][n], ...) for each step n, the sequences aligned on their first axis (zip's length).
+
+    The per-step views are made `block` steps at a time: made all at once they cost ~0.7 kB per step, so a
+    solve keeping only its end state would hold memory growing with N.
+    """
+    n = min(s.shape[0] for s in seqs)
+    for start in range(0, n, block):
+        yield from zip(*(s[start:start + block].unbind(0) for s in seqs))
