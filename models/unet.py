@@ -1,7 +1,9 @@
 """U-Net noise-conditional network for images (B, C, H, W), optionally class-conditional.
 
-Ho et al. (2020) / Song et al. (2021) layout: residual blocks that add a projection of the noise
-embedding, self-attention at chosen resolutions, stride-2 down- and nearest-neighbour up-sampling,
+Ho et al. (2020) / Song et al. (2021) layout: residual blocks conditioned on the noise (and class)
+embedding by a per-channel scale and shift applied after their second normalisation (Dhariwal & Nichol
+2021, "scale-shift norm"; added before a GroupNorm, a per-channel constant is removed again whenever a
+group holds a single channel), self-attention at chosen resolutions, stride-2 down- and nearest-neighbour up-sampling,
 and skip connections from every encoder block to the matching decoder block. Works for any H, W that
 divide by 2^(levels - 1) (8x8 digits with 2-3 levels, 32x32 images with 3-4).
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["UNet", "ResBlock", "Attention", "noise_embedding"]
+__all__ = ["UNet", "ResBlock", "Attention", "noise_embedding", "norm_groups"]
 
 
 def noise_embedding(c: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -29,18 +31,25 @@ def noise_embedding(c: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+def norm_groups(ch: int) -> int:
+    """Groups of the GroupNorm over ch channels: the most, up to 8, that leave at least 4 channels per group
+    (1 when none does). A one-channel group normalises each channel over space alone, which erases it
+    at a 1x1 resolution."""
+    return max((g for g in range(1, 9) if ch % g == 0 and ch // g >= 4), default=1)
+
+
 def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, ch) if ch % min(8, ch) == 0 else 1, ch)
+    return nn.GroupNorm(norm_groups(ch), ch)
 
 
 class ResBlock(nn.Module):
-    """norm-SiLU-conv, + Linear(emb) per channel, norm-SiLU-dropout-conv, plus a 1x1 skip when widths differ.
-    x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H, W)."""
+    """norm-SiLU-conv, norm * (1 + scale) + shift with (scale, shift) = Linear(emb) per channel, SiLU-dropout-conv,
+    plus a 1x1 skip when widths differ. x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H, W)."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)   # (scale, shift) per output channel
         self.norm2, self.drop, self.conv2 = _norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: deep stacks train from step one
         nn.init.zeros_(self.conv2.bias)
@@ -48,8 +57,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + rearrange(self.emb(emb), "b c -> b c 1 1")
-        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        scale, shift = rearrange(self.emb(emb), "b (two c) -> two b c 1 1", two=2)
+        h = self.norm2(h) * (1 + scale) + shift     # after the norm, so no normalisation can remove the conditioning
+        h = self.conv2(self.drop(F.silu(h)))
         return self.skip(x) + h
 
 

@@ -72,8 +72,28 @@ def test_overfits_a_tiny_batch():
     first = None
     for _ in range(200):
         loss = (net(x_in, c, labels=labels) - x0).pow(2).mean()
-        first = first if first is not None else float(loss)
+        first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.02 * first, (first, float(loss))
+    assert loss.item() < 0.02 * first, (first, loss.item())
+
+
+@pytest.mark.parametrize("channels, channel_mult", [(4, [1]), (8, [1]), (8, [1, 2]), (16, [1]), (6, [1, 1, 1, 1])])
+def test_output_depends_on_noise_level_and_class_at_any_width(channels, channel_mult):
+    """The noise level and the class must reach the output for narrow nets too (not only where GroupNorm groups
+    hold several channels): changing either moves the output by a fair share of its size, as changing x does."""
+    torch.manual_seed(0)
+    net = UNet((1, 8, 8), channels=channels, channel_mult=channel_mult, num_res_blocks=1, num_classes=10)
+    for p in net.parameters():   # random weights everywhere (the zero-initialised output layers would hide everything)
+        p.data.add_(0.1 * torch.randn_like(p))
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        base = net(x, torch.full((4,), 0.1), labels=y)
+        scale = base.abs().amax(dim=(1, 2, 3))
+        moved = {"c_noise": net(x, torch.full((4,), 5.0), labels=y),
+                 "labels": net(x, torch.full((4,), 0.1), labels=torch.tensor([4, 5, 6, 7])),
+                 "x": net(torch.randn(4, 1, 8, 8), torch.full((4,), 0.1), labels=y)}
+    for name, out in moved.items():
+        change = (out - base).abs().amax(dim=(1, 2, 3)) / scale
+        assert (change > 0.05).all(), (name, change.tolist())
