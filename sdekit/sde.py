@@ -58,6 +58,9 @@ class SDE(ABC):
     t_max: float
     prior_std: float = 1.0
     name: str = "sde"
+    # The time grid (a name in sdekit.samplers.grids.GRIDS) that samplers stepping in t use when none is given:
+    # equal steps of this SDE's own time variable suit the VP family and VE; EDM (sigma = t) overrides it.
+    default_grid: str = "uniform"
 
     # --- the closed forms a subclass provides -------------------------------------------------
     @abstractmethod
@@ -275,11 +278,14 @@ class VESDE(SDE):
 class EDM(SDE):
     """Karras et al. (2022): sigma_t = t, alpha_t = 1, so f = 0 and g = sqrt(2 t); t runs over [sigma_min, sigma_max].
 
-    rho sets the default time grid of the samplers (sigma_i^(1/rho) uniformly spaced);
-    sigma_data is the data scale used by the preconditioning and the loss weighting.
+    rho sets the default time grid of the samplers (default_grid = "edm": sigma_i^(1/rho) uniformly spaced),
+    which every sampler that steps in t uses unless given `grid` or `ts` (equal steps of t = sigma would spend
+    almost every step at large sigma); sigma_data is the data scale used by the preconditioning
+    (`sdekit.precond.Denoiser`) and the "edm" loss weighting, both of which read it from here by default.
     """
 
     name = "edm"
+    default_grid = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, sigma_data: float = 0.5):
         if not 0 < sigma_min < sigma_max:

@@ -30,20 +30,20 @@ __all__ = ["sample", "SAMPLERS", "SamplerSpec", "CountingScore"]
 class SamplerSpec:
     fn: Callable
     default_steps: int | None      # None: adaptive, steps are ignored
-    default_grid: str = "uniform"
+    default_grid: str | None = None  # None: the SDE's own default grid (sde.default_grid); else a grid the method is built on
     stochastic: bool = False
     order: float | None = None     # nominal convergence order (deterministic samplers, or deterministic settings)
     noise_draws: Callable[[int, dict], int] = lambda steps, options: steps  # rows of `noise` for `steps` steps
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "euler_maruyama": SamplerSpec(euler_maruyama, 500, "uniform", stochastic=True, order=0.5),
-    "pc": SamplerSpec(pc, 250, "uniform", stochastic=True,
+    "euler_maruyama": SamplerSpec(euler_maruyama, 500, None, stochastic=True, order=0.5),
+    "pc": SamplerSpec(pc, 250, None, stochastic=True,
                       noise_draws=lambda steps, options: pc_noise_draws(steps, options.get("n_corrector", 1))),
-    "ode_euler": SamplerSpec(ode_euler, 200, "uniform", order=1.0),
-    "heun": SamplerSpec(heun, 50, "uniform", order=2.0),
-    "rk4": SamplerSpec(rk4, 25, "uniform", order=4.0),
-    "rk45": SamplerSpec(rk45, None, "uniform", order=5.0),
+    "ode_euler": SamplerSpec(ode_euler, 200, None, order=1.0),
+    "heun": SamplerSpec(heun, 50, None, order=2.0),
+    "rk4": SamplerSpec(rk4, 25, None, order=4.0),
+    "rk45": SamplerSpec(rk45, None, None, order=5.0),
     "ddim": SamplerSpec(ddim, 100, "log_snr", stochastic=True, order=1.0),        # deterministic at eta=0
     "dpmpp_2m": SamplerSpec(dpmpp_2m, 25, "log_snr", order=2.0),
     "edm": SamplerSpec(edm, 32, "edm", stochastic=True, order=2.0),               # deterministic at S_churn=0
@@ -82,7 +82,9 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     shape: (B, *S). x_T defaults to sde.prior_sample(shape, generator=generator).
     noise: (N, B, *S) standard normals for stochastic samplers (the path is then a deterministic function);
     pc takes N * (1 + n_corrector) rows (predictor, then its correctors, for each step).
-    ts: explicit decreasing time grid (N+1,), else `grid` ('uniform', 'log_snr', 'edm') with `steps` steps.
+    ts: explicit decreasing time grid (N+1,), else `grid` ('uniform', 'log_snr', 'edm') with `steps` steps;
+    without either, ddim and dpmpp_2m use 'log_snr', edm uses 'edm', and the samplers that step in t use
+    sde.default_grid ('uniform' for the VP family and VE, 'edm' for EDM).
     denoise: end with the Tweedie step x0 = (x + sigma^2 score) / alpha at t_min (one extra NFE).
     Returns x: (B, *S); with return_trajectory, also the (N+1, B, *S) stack of states; with return_info,
     also a dict holding 'nfe' and any sampler statistics.
@@ -104,7 +106,7 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         if spec.default_steps is None:
             steps = 1  # adaptive: only the end points matter
         steps = spec.default_steps if steps is None else steps
-        ts = make_grid(grid or spec.default_grid, sde, steps, dtype=x_T.dtype, device=x_T.device)
+        ts = make_grid(grid or spec.default_grid or getattr(sde, "default_grid", "uniform"), sde, steps, dtype=x_T.dtype, device=x_T.device)
     else:
         ts = torch.as_tensor(ts, dtype=x_T.dtype, device=x_T.device)
         if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()):
