@@ -1,10 +1,20 @@
-"""Image sample quality: Frechet distance on classifier features, class accuracy, held-out bits/dim, image grids.
+"""Image sample quality: Frechet distance on classifier features, memorisation, class accuracy, held-out bits/dim, grids.
 
 FD (the FID recipe with the project's own digits classifier, sdekit.classifier, in place of Inception):
     FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))
 between Gaussian fits to the (N, F) features of two image sets. It is biased upwards at small N, so every
-number here is reported next to its references at the same N: the held-out split against the training
-split (the floor a perfect model reaches) and pure noise against the training split.
+number here is reported next to a reference at the same N. Samples are compared with both splits:
+
+  * against the held-out split (`fd_vs_test`), the number to judge a model by; its reference
+    `fd_train_vs_test` is n training images against the held-out split: what a model that draws fresh
+    images scores, and also what a model that copies its training images scores;
+  * against the training split (`fd_vs_train`), next to `fd_test_vs_train` (held-out images against the
+    training split). This one rewards copying: a copy of 1000 training images scores 0.44x the held-out
+    split's FD. A ratio below 1 means "closer to the training set than fresh data are", not "better than
+    perfect", and the classifier, fitted to the training split, makes its features of those very images special.
+
+FD cannot tell a model that generalises from one that copies its data, hence `memorisation`: each sample's
+nearest-neighbour distance to the training split (pixels, L2) against the same distance for held-out images.
 """
 from __future__ import annotations
 
@@ -16,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["frechet_distance", "features", "evaluate_digits", "held_out_bits_per_dim", "save_image_grid"]
+__all__ = ["frechet_distance", "features", "nearest_neighbour_distances", "memorisation", "evaluate_digits",
+           "held_out_bits_per_dim", "save_image_grid", "class_grid_layout"]
 
 
 def frechet_distance(fa: Tensor, fb: Tensor) -> float:
@@ -45,11 +56,50 @@ def features(classifier, x: Tensor, batch: int = 1000) -> Tensor:
 
 
 @torch.no_grad()
+def nearest_neighbour_distances(query: Tensor, reference: Tensor, batch: int = 512) -> Tensor:
+    """(N,) Euclidean distance of each query image (N, *S) to its nearest reference image (M, *S), in float64."""
+    if query.shape[1:] != reference.shape[1:] or reference.shape[0] < 1:
+        raise ValueError(f"expected query (N, *S) and a non-empty reference (M, *S), got {tuple(query.shape)}, "
+                         f"{tuple(reference.shape)}")
+    ref = reference.flatten(1).double().cpu()
+    return torch.cat([torch.cdist(query[i:i + batch].flatten(1).double().cpu(), ref).min(1).values
+                      for i in range(0, query.shape[0], batch)]) if query.shape[0] else torch.empty(0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def memorisation(samples: Tensor, train: Tensor, test: Tensor, quantile: float = 0.05, max_n: int = 2000) -> dict:
+    """How close samples (N, *S) sit to the training split (M, *S), measured against held-out images (T, *S).
+
+    d(x) is x's nearest-neighbour distance to the training split (pixels, L2). Held-out images are fresh
+    data, so their d is what a model that generalises reaches; a model that copies reaches d = 0.
+      nn_distance_ratio    median d(samples) / median d(held-out): about 1 for fresh data, 0 for copies
+      near_copy_fraction   share of samples with d below the `quantile` (5%) quantile of d(held-out):
+                           `quantile` for fresh data (sampling error `near_copy_fraction_se`), 1 for copies
+      memorised            near_copy_fraction above `quantile` by more than 4 standard errors
+    At most max_n samples and held-out images are used (the first ones).
+    """
+    samples, test = samples[:max_n], test[:max_n]
+    if samples.shape[0] < 1 or test.shape[0] < 2:
+        raise ValueError(f"memorisation needs samples and at least 2 held-out images, got {samples.shape[0]} and {test.shape[0]}")
+    d_test = nearest_neighbour_distances(test, train)
+    d_samples = nearest_neighbour_distances(samples.clamp(-1, 1), train)
+    tau = float(torch.quantile(d_test, quantile))
+    frac = float((d_samples < tau).double().mean())
+    se = math.sqrt(quantile * (1 - quantile) * (1 / len(d_samples) + 1 / len(d_test)))
+    return {"nn_distance_ratio": float(d_samples.median() / d_test.median()),
+            "nn_distance_median": float(d_samples.median()), "nn_distance_median_held_out": float(d_test.median()),
+            "near_copy_fraction": frac, "near_copy_fraction_fresh": quantile, "near_copy_fraction_se": se,
+            "near_copy_distance": tau, "memorised": bool(frac > quantile + 4 * se),
+            "n_memorisation": [len(d_samples), len(d_test)]}
+
+
+@torch.no_grad()
 def evaluate_digits(samples: Tensor, labels: Tensor | None = None, split_seed: int = 0, test_fraction: float = 0.2,
                     cache_dir: str | Path = "runs/classifier") -> dict:
-    """FD of samples (N, 1, 8, 8) against the digits training split, with the references at the held-out size
-    n = min(N, n_test): FD(test, train) and FD(noise, train); class accuracy when labels (N,) are the classes
-    the samples were conditioned on, and the class histogram of the samples otherwise."""
+    """FD of samples (N, 1, 8, 8) against the digits held-out split and against the training split, each with its
+    reference at n = min(N, n_test) (module docstring); memorisation against the training split; class accuracy
+    when labels (N,) are the classes the samples were conditioned on (pass None for unconditional samples,
+    which get the class histogram only)."""
     from .classifier import digits_classifier
     from .images import load_images
 
@@ -58,19 +108,24 @@ def evaluate_digits(samples: Tensor, labels: Tensor | None = None, split_seed: i
     clf, record = digits_classifier(cache_dir, split_seed=split_seed, test_fraction=test_fraction)   # never trained on `test`
     train, test = load_images("digits", test_fraction=test_fraction, seed=split_seed)
     n = min(samples.shape[0], len(test))
-    f_train = features(clf, train.x)
-    f_samples = features(clf, samples)
-    noise = torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
-    fd = frechet_distance(f_samples[:n], f_train)
-    fd_ref = frechet_distance(features(clf, test.x[:n]), f_train)
+    f_train, f_test, f_samples = features(clf, train.x), features(clf, test.x), features(clf, samples)
+    fresh = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]   # n training images: fresh data to `test`
+    noise = features(clf, torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(0)).clamp(-1, 1))
+    fd_test, fd_test_ref = frechet_distance(f_samples[:n], f_test), frechet_distance(f_train[fresh], f_test)
+    fd_train, fd_train_ref = frechet_distance(f_samples[:n], f_train), frechet_distance(f_test[:n], f_train)
     pred = clf(samples.clamp(-1, 1).float()).argmax(1)
-    out = {"n_fd": n, "fd": fd, "fd_test_vs_train": fd_ref, "fd_ratio": fd / fd_ref,
-           "fd_noise_vs_train": frechet_distance(features(clf, noise), f_train),
+    out = {"n_fd": n,
+           "fd_vs_test": fd_test, "fd_train_vs_test": fd_test_ref, "fd_vs_test_ratio": fd_test / fd_test_ref,
+           "fd_noise_vs_test": frechet_distance(noise, f_test),
+           "fd_vs_train": fd_train, "fd_test_vs_train": fd_train_ref, "fd_vs_train_ratio": fd_train / fd_train_ref,
+           "fd_noise_vs_train": frechet_distance(noise, f_train),
+           **memorisation(samples, train.x, test.x),
            "classifier_test_accuracy": record["test_accuracy"],
            "class_histogram": torch.bincount(pred, minlength=10).tolist()}
     if samples.shape[0] > n:
-        out["fd_all_samples"] = frechet_distance(f_samples, f_train)
         out["n_all_samples"] = samples.shape[0]
+        out["fd_vs_test_all_samples"] = frechet_distance(f_samples, f_test)
+        out["fd_vs_train_all_samples"] = frechet_distance(f_samples, f_train)
     if labels is not None:
         out["class_accuracy"] = float((pred == labels.to(pred.device)).double().mean())
     return out
@@ -98,6 +153,15 @@ def held_out_bits_per_dim(score_fn, sde, x: Tensor, n_levels: int, generator: to
     return {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": float(bpd.std() / math.sqrt(len(bpd))),
             "n_images": int(x.shape[0]), "nfe": int(info["nfe"]), "n_levels": n_levels,
             "uniform_bits_per_dim": math.log2(n_levels)}
+
+
+def class_grid_layout(n: int, num_classes: int | None, max_shown: int = 100) -> tuple[int, int]:
+    """(images shown, columns) for a grid of n samples whose labels are 0, 1, ..., K-1, 0, 1, ... (num_classes K):
+    K columns, so that each column holds one class, and as many full rows as fit in max_shown (at least one);
+    10 columns when the samples are unconditional (num_classes None)."""
+    if num_classes is None:
+        return min(n, max_shown), 10
+    return min(n, num_classes * max(1, max_shown // num_classes)), num_classes
 
 
 def save_image_grid(images: Tensor, path: str | Path, nrow: int = 10, title: str = "", numbers: dict | None = None) -> None:

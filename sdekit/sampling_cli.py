@@ -1,10 +1,12 @@
 """`sdekit sample`: draw samples from a trained run, plot them and score them against the data.
 
 Writes into the output folder: samples.safetensors, samples.png (samples over the data density for 2-D
-data; an image grid for images, one column per class for class-conditional models), metrics.json (quality
-numbers with their reference values) and config.json (the resolved config). For digits the metrics are
-the classifier Frechet distance and class accuracy (sdekit.image_metrics); `--bpd N` adds bits/dim on N
-held-out images, `--compare heun:10,dpmpp_2m:10` a grid (PNG + JSON) per sampler and step count.
+data; an image grid for images, one column per class for class-conditional sampling), metrics.json (quality
+numbers with their reference values) and config.json (the resolved config). For images the metrics hold
+the memorisation measure (nearest-neighbour distances to the training split against the held-out split's,
+sdekit.image_metrics.memorisation); for digits also the classifier Frechet distance against the held-out
+and the training split, and class accuracy when sampling is conditional (guidance != 0); `--bpd N` adds
+bits/dim on N held-out images, `--compare heun:10,dpmpp_2m:10` a grid (PNG + JSON) per sampler and step count.
 """
 from __future__ import annotations
 
@@ -21,12 +23,18 @@ from torch import Tensor
 from .checkpoint import CheckpointError, atomic_write_text
 from .config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from .data import EXACT_MIXTURES, load_dataset
-from .image_metrics import save_image_grid
+from .image_metrics import class_grid_layout, save_image_grid
 from .metrics import mmd, mode_weight_error, mode_weights, sliced_wasserstein
 from .guidance import guided_score
 from .samplers import sample
 
-__all__ = ["draw_samples", "gather_batches", "evaluate_toy", "plot_toy", "sample_labels", "main"]
+__all__ = ["draw_samples", "gather_batches", "evaluate_toy", "plot_toy", "sample_labels", "conditioning_labels", "main"]
+
+
+def conditioning_labels(labels: Tensor | None, guidance: float | None) -> Tensor | None:
+    """The labels the samples were really conditioned on: None for unconditional sampling (no labels, or guidance 0,
+    which is the unconditional model exactly), so that no class accuracy is scored against unused labels."""
+    return None if labels is None or guidance == 0 else labels
 
 
 def sample_labels(score_fn, n: int) -> Tensor | None:
@@ -196,18 +204,23 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(evaluate_toy(samples, cfg))
         plot_toy(samples, cfg, out / "samples.png", title=f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}")
     elif len(data_shape) == 3:
-        metrics.update(_evaluate_images(samples, labels, cfg))
+        used = conditioning_labels(labels, timing.get("guidance"))
+        metrics.update(_evaluate_images(samples, used, cfg))
         title = f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}" + (f", guidance {timing['guidance']:g}" if labels is not None else "")
-        save_image_grid(samples[:100], out / "samples.png", title=title,
-                        numbers={"shown": min(100, len(samples)), "labels": None if labels is None else labels[:100].tolist(),
+        n_classes = getattr(denoiser.net, "num_classes", None)
+        shown, ncol = class_grid_layout(len(samples), None if used is None else n_classes)
+        save_image_grid(samples[:shown], out / "samples.png", nrow=ncol, title=title,
+                        numbers={"shown": shown, "columns": ncol, "labels": None if used is None else used[:shown].tolist(),
                                  **{k: v for k, v in metrics.items() if not isinstance(v, list)}})
         for name, steps in compare:
             c = from_dict(apply_overrides(to_dict(cfg), [f"sample.sampler={name}", f"sample.steps={steps}",
                                                         f"sample.n_samples={args.compare_n}", f"sample.batch_size={args.compare_n}"]))
             lab = None if labels is None else sample_labels(denoiser, args.compare_n)
             x, info = draw_samples(denoiser, denoiser.sde, c, data_shape, progress=False, labels=lab)
+            lab = conditioning_labels(lab, info.get("guidance"))
             numbers = {"sampler": name, "steps": steps, **info, **_evaluate_images(x, lab, c)}
-            save_image_grid(x[:100], out / f"grid_{name}_nfe{info['nfe_per_sample']}.png",
+            shown, ncol = class_grid_layout(len(x), None if lab is None else n_classes)
+            save_image_grid(x[:shown], out / f"grid_{name}_nfe{info['nfe_per_sample']}.png", nrow=ncol,
                             title=f"{name}, {steps} steps, NFE {info['nfe_per_sample']}", numbers=numbers)
             metrics.setdefault("compare", []).append({k: v for k, v in numbers.items() if not isinstance(v, list)})
         if args.bpd:
@@ -234,23 +247,41 @@ def _parse_compare(spec: str) -> list[tuple[str, int]]:
 
 
 def _evaluate_images(samples: Tensor, labels: Tensor | None, cfg: Config) -> dict:
-    """Digits: classifier FD and class accuracy (sdekit.image_metrics); other image sets: range statistics only."""
+    """Digits: classifier FD against both splits, memorisation, and class accuracy when labels (the classes the
+    samples were conditioned on) are given (sdekit.image_metrics); other image sets: range statistics and
+    memorisation (nearest-neighbour distances to the training split against the held-out split's)."""
     finite = torch.isfinite(samples).flatten(1).all(1)
     out = {"n_samples": samples.shape[0], "non_finite_samples": int((~finite).sum()),
            "mean": float(samples[finite].mean()), "std": float(samples[finite].std())}
-    if cfg.data.name == "digits" and tuple(samples.shape[1:]) == (1, 8, 8) and bool(finite.all()):
+    if not bool(finite.all()):
+        return out
+    if cfg.data.name == "digits" and tuple(samples.shape[1:]) == (1, 8, 8):
         from .image_metrics import evaluate_digits
 
         out.update(evaluate_digits(samples, labels, split_seed=cfg.data.seed, test_fraction=cfg.data.test_fraction))
+        return out
+    from .image_metrics import memorisation
+
+    train, test = _image_splits(cfg)
+    if len(test) >= 2:
+        out.update(memorisation(samples, train.x, test.x))
+    else:
+        out["memorisation_note"] = "no held-out split to compare with (data.test_fraction)"
     return out
+
+
+def _image_splits(cfg: Config):
+    """(train, test) ImageData of the run's data config."""
+    from .images import load_images
+
+    return load_images(cfg.data.name, cfg.data.path, cfg.data.test_fraction, cfg.data.seed, **cfg.data.options)
 
 
 def _held_out_bpd(denoiser, cfg: Config, n: int) -> dict:
     """Bits/dim of the unconditional model on the first n held-out images of the run's data split."""
     from .image_metrics import held_out_bits_per_dim
-    from .images import load_images
 
-    _, test = load_images(cfg.data.name, cfg.data.path, cfg.data.test_fraction, cfg.data.seed, **cfg.data.options)
+    _, test = _image_splits(cfg)
     if test.n_levels is None:
         return {"bits_per_dim": None, "bits_per_dim_note": "float images have no grey levels to dequantise"}
     x = test.x[:n].to(_device_of(denoiser))
