@@ -276,3 +276,51 @@ def test_each_sde_names_its_default_grid():
     sample(gmm.score_fn(sde), sde, (4, 2), "heun", steps=6, callback=lambda i, t, x: seen.append(float(t)))
     expected = sdekit.samplers.grids.edm_rho(sde, 6, rho=5.0)[1:]
     torch.testing.assert_close(torch.tensor(seen), expected)
+
+
+# --- the predictor-corrector's Langevin step -----------------------------------------------------------
+def _signal_decay(sde, t, t_next) -> float:
+    """Closed-form per-step signal decay a_i = exp(-int_{t_next}^{t} beta(s) ds) of the VP family (the continuous
+    counterpart of score_sde's alpha_i = 1 - beta_i for a step of length t - t_next), and 1 for VE and EDM."""
+    if isinstance(sde, sdekit.VPSDE) and sde.schedule == "linear":      # SubVPSDE too: same beta(t)
+        return math.exp(-(sde.beta_min * (t - t_next) + 0.5 * (sde.beta_max - sde.beta_min) * (t**2 - t_next**2)))
+    if isinstance(sde, sdekit.VPSDE):                                  # cosine: alpha_t = cos(phase(t)) / cos(phase(0))
+        phase = lambda u: math.pi / 2 * (u + sde.cosine_s) / (1 + sde.cosine_s)
+        return (math.cos(phase(t)) / math.cos(phase(t_next))) ** 2
+    return 1.0
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "vp_cosine", "subvp", "ve", "edm"])
+@pytest.mark.parametrize("frac", [0.5, 0.9])
+def test_pc_corrector_step_is_score_sdes(sde_name, frac, float64):
+    """One pc step from t to t_next: the corrector must move x_pred (the predictor's output) to
+    x_pred + eps s + sqrt(2 eps) z with eps = 2 a (snr mean||z|| / mean||s||)^2 (Song et al. 2021, Algorithms 4-5),
+    a = exp(-int beta) < 1 for the VP family (score_sde: alpha_i = 1 - beta_i) and a = 1 for VE/EDM. The inverted
+    factor exp(+int beta) made eps 44x too large at the first of 10 steps on VPSDE."""
+    sde, gmm = SDES[sde_name](), mixture()
+    t = sde.t_min + frac * (sde.t_max - sde.t_min)
+    t_next = t - 0.1 * (sde.t_max - sde.t_min)
+    calls = []
+
+    def score(x, tt):
+        s = gmm.score(x, tt, sde)
+        calls.append((x.clone(), s))
+        return s
+
+    noise = torch.randn(2, 64, 2, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(1)) * 2
+    out = sample(score, sde, (64, 2), "pc", ts=torch.tensor([t, t_next]), x_T=x_T, noise=noise, snr=0.16, n_corrector=1)
+    (x_pred, s), z = calls[1], noise[1]
+    a = _signal_decay(sde, t, t_next)
+    assert 0 < a <= 1
+    eps = 2 * a * (0.16 * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
+    torch.testing.assert_close(out, x_pred + eps * s + torch.sqrt(2 * eps) * z, rtol=1e-10, atol=1e-10)
+
+
+def test_signal_decay_is_score_sdes_alpha_i():
+    """The closed form used above is score_sde's discrete alpha_i = 1 - beta(t_i) dt up to O(dt^2)
+    (dt = 1/1000; the remainder is (beta^2 + beta') dt^2 / 2 at most, beta' = beta_max - beta_min)."""
+    sde, dt = sdekit.VPSDE(), 1e-3
+    for t in (0.1, 0.5, 1.0):
+        beta = float(sde.beta(torch.tensor(t)))
+        assert abs(_signal_decay(sde, t, t - dt) - (1 - beta * dt)) <= (beta**2 + sde.beta_max - sde.beta_min) * dt**2

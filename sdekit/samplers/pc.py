@@ -3,9 +3,10 @@
 Each step first predicts x at t_{i+1} with an Euler-Maruyama step of the reverse SDE, then corrects
 it with `n_corrector` steps of Langevin dynamics targeting p_{t_{i+1}}:
     z ~ N(0, I),  eps = 2 a (snr ||z|| / ||score||)^2,  x <- x + eps score + sqrt(2 eps) z,
-where a = (alpha_{t_{i+1}} / alpha_{t_i})^2 is the continuous-time counterpart of the paper's
-alpha_i = 1 - beta_i for VP (a = 1 for VE and EDM). As in the reference code, ||z|| and ||score||
-are averaged over the batch: one step size for all samples. (Per-sample norms look more natural but
+where a = (alpha_{t_i} / alpha_{t_{i+1}})^2 = exp(-int_{t_{i+1}}^{t_i} beta(s) ds) < 1 is the continuous-time
+counterpart of the paper's alpha_i = 1 - beta_i for VP and sub-VP (a = 1 for VE and EDM, whose alpha_t = 1):
+the signal decay of one forward step, so a shrinks the Langevin step where beta is large. As in the
+reference code, ||z|| and ||score|| are averaged over the batch: one step size for all samples. (Per-sample norms look more natural but
 fail in low dimension: near a mode centre ||score|| -> 0 and the step blows up, which visibly
 shifts the mode weights of a 2-D mixture.) Samples are therefore coupled through that one scalar.
 """
@@ -55,7 +56,7 @@ def pc(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, generator: torch.
         t, t_next = ts[i], ts[i + 1]
         x = em_step(score_fn, sde, x, t, t_next, step_noise(noise, i * k, x, generator))
         tb = t_next.expand(x.shape[0])
-        a = (sde.marginal(t_next)[0] / sde.marginal(t)[0]) ** 2
+        a = (sde.marginal(t)[0] / sde.marginal(t_next)[0]) ** 2    # signal decay of the step t_next -> t, <= 1
         for j in range(n_corrector):
             x = langevin_step(score_fn(x, tb), x, step_noise(noise, i * k + 1 + j, x, generator), snr, a)
         if callback is not None:
