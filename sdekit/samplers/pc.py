@@ -6,9 +6,10 @@ it with `n_corrector` steps of Langevin dynamics targeting p_{t_{i+1}}:
 where a = (alpha_{t_i} / alpha_{t_{i+1}})^2 = exp(-int_{t_{i+1}}^{t_i} beta(s) ds) < 1 is the continuous-time
 counterpart of the paper's alpha_i = 1 - beta_i for VP and sub-VP (a = 1 for VE and EDM, whose alpha_t = 1):
 the signal decay of one forward step, so a shrinks the Langevin step where beta is large. As in the
-reference code, ||z|| and ||score|| are averaged over the batch: one step size for all samples. (Per-sample norms look more natural but
-fail in low dimension: near a mode centre ||score|| -> 0 and the step blows up, which visibly
-shifts the mode weights of a 2-D mixture.) Samples are therefore coupled through that one scalar.
+reference code, ||z|| and ||score|| are averaged over the batch: one step size for all samples.
+(Per-sample norms look more natural but fail in low dimension: near a mode centre ||score|| -> 0
+and the step blows up, which visibly shifts the mode weights of a 2-D mixture.) Samples are
+therefore coupled through that one scalar.
 """
 from __future__ import annotations
 
