@@ -286,6 +286,7 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
                 loss = dsm_loss(denoiser, x0, t, noise, cfg.loss.weighting, cfg.loss.min_snr_gamma, **net_kwargs).mean() / tc.grad_accum
             accelerator.backward(loss)
             total += loss.detach().float()
+        lr_used = optimizer.param_groups[0]["lr"]   # this step's learning rate (the scheduler moves on below)
         grad_norm = accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         # Every process must agree whether to step, or the replicas diverge.
         finite = accelerator.gather(torch.stack([total, torch.as_tensor(grad_norm, device=device).float()]).reshape(1, 2))
@@ -309,7 +310,7 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
             if accelerator.is_main_process:
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0]}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": last_loss, "lr": lr_used}) + "\n")
         if done % tc.ckpt_every == 0 or done == tc.steps:
             ckpt_path = save(done)
     bar.close()

@@ -72,3 +72,18 @@ def test_corrupted_and_mismatched_checkpoints_are_refused(tmp_path):
         load_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         load_trained(tmp_path)
+
+
+def test_logged_lr_is_the_one_the_step_used(tmp_path):
+    """Adam's first update moves every parameter with a non-zero gradient by the step's learning rate exactly
+    (m / sqrt(v) = g / |g|), so the largest change of any weight is the lr the step used; the log must say that
+    lr, (s + 1) / (warmup + 1) x train.lr at step s = 0, not the next step's."""
+    cfg = _cfg(tmp_path, "train.steps=1", "train.batch_size=32", "train.log_every=1", "train.ckpt_every=1",
+               "train.warmup_steps=4", "train.weight_decay=0", "train.lr=1e-2")
+    torch.manual_seed(cfg.train.seed)
+    init = build_network(cfg.model, (2,)).state_dict()
+    train(cfg, progress=False)
+    after, _ = load_checkpoint(tmp_path / "checkpoints/step_00000001")
+    moved = max(float((after["model"][k] - init[k]).abs().max()) for k in init)
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["lr"]
+    assert logged == pytest.approx(moved, rel=1e-4) and logged == pytest.approx(1e-2 / 5), (logged, moved)
