@@ -33,7 +33,7 @@ class SDEConfig:
     sigma_min: float | None = None       # ve, edm
     sigma_max: float | None = None
     rho: float | None = None             # edm
-    sigma_data: float | None = None      # edm
+    sigma_data: float | None = None      # edm (the one data scale: model.sigma_data must agree or be left out)
     t_min: float | None = None
     t_max: float | None = None
 
@@ -54,7 +54,7 @@ class DataConfig:
 class ModelConfig:
     target: str = "models.mlp:MLP"       # `module:Class`, built as Class(dim, **options)
     prediction: str = "eps"              # eps | x0 | v | score | edm
-    sigma_data: float = 1.0
+    sigma_data: float | None = None      # null: sde.sigma_data for EDM (0.5 unless set there), else 1.0; see resolve_sigma_data
     label_dropout: float = 0.1           # class-conditional nets: share of labels replaced by the null class
     options: dict = field(default_factory=dict)
 
@@ -127,7 +127,7 @@ _CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
 }
 _POSITIVE = ["train.steps", "train.batch_size", "train.grad_accum", "train.lr", "train.log_every", "train.ckpt_every",
-             "train.keep_checkpoints", "train.max_bad_steps", "data.n_train", "model.sigma_data", "sample.n_samples",
+             "train.keep_checkpoints", "train.max_bad_steps", "data.n_train", "sample.n_samples",
              "sample.batch_size", "loss.P_std", "loss.min_snr_gamma"]
 _NON_NEGATIVE = ["train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.num_threads"]
 
@@ -139,8 +139,34 @@ def _get(cfg: Config, dotted: str):
     return obj
 
 
+def resolve_sigma_data(cfg: Config) -> None:
+    """Make sde.sigma_data and model.sigma_data one value, in place.
+
+    EDM carries the data scale (its default 0.5), and the preconditioning and the loss weighting read it from
+    the SDE: under sde.name=edm a value given in either section fills the other, none gives EDM's default, and
+    two different values are an error. Other SDEs have no data scale: model.sigma_data (default 1.0) is used.
+    """
+    for key in ("sde.sigma_data", "model.sigma_data"):
+        v = _get(cfg, key)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{key} must be > 0, got {v!r}")
+    sde_value, model_value = cfg.sde.sigma_data, cfg.model.sigma_data
+    if cfg.sde.name != "edm":
+        cfg.model.sigma_data = 1.0 if model_value is None else model_value
+        return
+    if sde_value is not None and model_value is not None and sde_value != model_value:
+        raise ConfigError(f"model.sigma_data = {model_value!r} contradicts sde.sigma_data = {sde_value!r}; EDM's data scale "
+                          f"is one value used by the preconditioning and the loss: give it once (sde.sigma_data) or equal in both")
+    if sde_value is None and model_value is None:
+        import inspect
+
+        from .sde import EDM
+        sde_value = inspect.signature(EDM).parameters["sigma_data"].default
+    cfg.sde.sigma_data = cfg.model.sigma_data = float(sde_value if sde_value is not None else model_value)
+
+
 def validate(cfg: Config) -> None:
-    """Range and choice checks that types alone cannot express."""
+    """Range and choice checks that types alone cannot express; resolves sigma_data (see resolve_sigma_data)."""
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key} = {_get(cfg, key)!r} is not allowed; expected one of {[c for c in choices if c is not None]}")
@@ -161,6 +187,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)!r}")
     if ":" not in cfg.model.target:
         raise ConfigError(f"model.target must look like 'module:Class', got {cfg.model.target!r}")
+    resolve_sigma_data(cfg)
 
 
 # --- dict <-> dataclass with type checks ------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .precond import Denoiser
+from .precond import Denoiser, resolve_sigma_data
 from .sde import SDE
 
 __all__ = ["WEIGHTINGS", "T_SAMPLINGS", "loss_weight", "sample_t", "dsm_loss"]
@@ -23,8 +23,12 @@ __all__ = ["WEIGHTINGS", "T_SAMPLINGS", "loss_weight", "sample_t", "dsm_loss"]
 WEIGHTINGS = ("uniform", "likelihood", "snr", "min_snr", "edm")
 T_SAMPLINGS = ("uniform", "lognormal")
 
-def loss_weight(sde: SDE, t: Tensor, weighting: str, sigma_data: float = 1.0, min_snr_gamma: float = 5.0) -> Tensor:
-    """w(t) multiplying mean (eps_hat - eps)^2. t: (B,) -> (B,)."""
+def loss_weight(sde: SDE, t: Tensor, weighting: str, sigma_data: float | None = None, min_snr_gamma: float = 5.0) -> Tensor:
+    """w(t) multiplying mean (eps_hat - eps)^2. t: (B,) -> (B,).
+
+    sigma_data ('edm' weighting) defaults to the SDE's (EDM) or 1.0; a value contradicting the SDE's raises.
+    """
+    sigma_data = resolve_sigma_data(sde, sigma_data)
     alpha, sigma = sde.marginal(t)
     if weighting == "uniform":
         return torch.ones_like(t)

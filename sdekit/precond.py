@@ -14,12 +14,14 @@ Prediction types (what F's output means):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from .sde import SDE, broadcast_like, per_sample_t
 
-__all__ = ["PREDICTIONS", "Denoiser", "edm_coefficients"]
+__all__ = ["PREDICTIONS", "Denoiser", "edm_coefficients", "resolve_sigma_data"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "edm")
 
@@ -30,16 +32,37 @@ def edm_coefficients(sigma: Tensor, sigma_data: float):
     return sigma_data**2 / var, sigma * sigma_data / var.sqrt(), 1.0 / var.sqrt()
 
 
-class Denoiser(nn.Module):
-    """Wraps net(x_in: (B, *S), c_noise: (B,)) -> (B, *S). Call it as score_fn(x, t)."""
+def resolve_sigma_data(sde: SDE, sigma_data: float | None = None) -> float:
+    """The data scale for the preconditioning and the 'edm' loss weight: the SDE's own (EDM carries one) or 1.0.
 
-    def __init__(self, net: nn.Module, sde: SDE, prediction: str = "eps", sigma_data: float = 1.0):
+    An explicit sigma_data is used where the SDE has none; where it has one, the two must agree (a different
+    value would train and sample with two data scales), so a mismatch raises ValueError naming both.
+    """
+    own = getattr(sde, "sigma_data", None)
+    if sigma_data is None:
+        return float(own) if own is not None else 1.0
+    sigma_data = float(sigma_data)
+    if not (sigma_data > 0 and math.isfinite(sigma_data)):
+        raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data}")
+    if own is not None and not math.isclose(sigma_data, float(own), rel_tol=1e-12):
+        raise ValueError(f"sigma_data={sigma_data} contradicts {type(sde).__name__}'s sigma_data={float(own)}; "
+                         f"leave sigma_data unset (the SDE's value is used) or build the SDE with the value wanted")
+    return sigma_data
+
+
+class Denoiser(nn.Module):
+    """Wraps net(x_in: (B, *S), c_noise: (B,)) -> (B, *S). Call it as score_fn(x, t).
+
+    sigma_data (c_in for every prediction type; c_skip/c_out for 'edm'; the 'edm' loss weight) defaults to the
+    SDE's (EDM(sigma_data=0.5)) or 1.0 for SDEs without one; see `resolve_sigma_data`.
+    """
+
+    def __init__(self, net: nn.Module, sde: SDE, prediction: str = "eps", sigma_data: float | None = None):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
-        if sigma_data <= 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        self.net, self.sde, self.prediction, self.sigma_data = net, sde, prediction, float(sigma_data)
+        self.net, self.sde, self.prediction = net, sde, prediction
+        self.sigma_data = resolve_sigma_data(sde, sigma_data)
 
     def predict(self, x: Tensor, t, **net_kwargs) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) at x: (B, *S), t: () or (B,)."""

@@ -57,3 +57,30 @@ def test_sde_and_model_options_are_checked():
     cfg = load_config(ROOT / "configs/ring.yaml", ["model.target=models.nothere:Net"])
     with pytest.raises(ConfigError, match="cannot be imported"):
         build_network(cfg.model, (2,))
+
+
+def test_edm_sigma_data_is_one_value_in_the_resolved_config():
+    """The shipped EDM config's sigma_data (0.75) reaches the model section, the SDE and the denoiser; with none
+    given, both sections resolve to EDM's default 0.5 (the preconditioning used 1.0 for prediction types other
+    than 'edm'); non-EDM configs keep model.sigma_data = 1.0; contradicting values are an error naming both keys."""
+    from sdekit.config import from_dict, to_dict
+    from sdekit.training import build_denoiser
+
+    cfg = load_config(ROOT / "configs/digits_edm.yaml", ["model.options.num_classes=null"])
+    assert cfg.sde.sigma_data == cfg.model.sigma_data == 0.75
+    den = build_denoiser(cfg, (1, 8, 8), net=lambda x, c: x)
+    assert den.sigma_data == den.sde.sigma_data == 0.75
+    for prediction in ("eps", "edm"):
+        cfg = from_dict({"sde": {"name": "edm"}, "model": {"prediction": prediction}})
+        assert cfg.sde.sigma_data == cfg.model.sigma_data == 0.5
+        den = build_denoiser(cfg, (2,), net=lambda x, c: x)
+        assert den.sigma_data == den.sde.sigma_data == 0.5
+        assert from_dict(to_dict(cfg)).model.sigma_data == 0.5          # the saved config reloads to the same values
+    cfg = from_dict({"sde": {"name": "edm"}, "model": {"sigma_data": 0.6}})
+    assert cfg.sde.sigma_data == cfg.model.sigma_data == 0.6
+    cfg = from_dict({"sde": {"name": "vp"}})
+    assert cfg.model.sigma_data == 1.0 and cfg.sde.sigma_data is None
+    with pytest.raises(ConfigError, match=r"model.sigma_data = 1.0 .*sde.sigma_data = 0.75"):
+        load_config(ROOT / "configs/digits_edm.yaml", ["model.sigma_data=1.0"])
+    with pytest.raises(ConfigError, match=r"sde.sigma_data must be > 0"):
+        from_dict({"sde": {"name": "edm", "sigma_data": -1.0}})

@@ -115,3 +115,58 @@ def test_lognormal_times_have_the_requested_noise_levels(float64):
     log_sigma = torch.log(sde.sigma_ratio(t))
     assert abs(float(log_sigma.mean()) + 1.2) < 4 * 1.2 / 100000**0.5
     assert abs(float(log_sigma.std()) - 1.2) < 0.01
+
+
+# --- sigma_data comes from the SDE ------------------------------------------------------------------------
+class _Constant(nn.Module):
+    """Records its input and returns a fixed output, so a denoiser's read-out coefficients can be read off."""
+
+    def __init__(self, value: float = 0.7):
+        super().__init__()
+        self.value, self.seen = value, {}
+
+    def forward(self, x, c):
+        self.seen["x"], self.seen["c"] = x, c
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 0.25])
+def test_edm_preconditioning_uses_the_sdes_sigma_data(sigma_data, float64):
+    """Denoiser(net, EDM(sigma_data=s), 'edm') must apply Karras et al.'s (2022, Table 1) closed forms with s:
+    c_in = 1 / sqrt(sigma^2 + s^2), c_skip = s^2 / (sigma^2 + s^2), c_out = sigma s / sqrt(sigma^2 + s^2),
+    c_noise = log(sigma) / 4, and the 'edm' loss weight (sigma^2 + s^2) / s^2 (default EDM() has s = 0.5;
+    the denoiser used 1.0 unless told the value a second time)."""
+    sde = EDM(sigma_data=sigma_data)
+    net = _Constant(0.7)
+    den = Denoiser(net, sde, "edm")
+    assert den.sigma_data == sigma_data
+    sigma = torch.tensor([0.01, 0.3, 1.0, 7.0, 80.0])
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    x0, _ = den.predict(x, sigma)
+    var = sigma**2 + sigma_data**2
+    c_in, c_skip, c_out = 1 / var.sqrt(), sigma_data**2 / var, sigma * sigma_data / var.sqrt()
+    torch.testing.assert_close(net.seen["x"], c_in[:, None] * x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net.seen["c"], torch.log(sigma) / 4, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x0, c_skip[:, None] * x + c_out[:, None] * 0.7, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss_weight(sde, sigma, "edm"), var / sigma_data**2, rtol=1e-12, atol=1e-12)
+    # dsm_loss weights by the same value: with eps_hat - eps known, the loss is w * mean (eps_hat - eps)^2
+    x0_data, noise = torch.zeros(5, 3), torch.zeros(5, 3)
+    x_t = sde.perturb(x0_data, sigma, noise)
+    _, eps_hat = den.predict(x_t, sigma)
+    torch.testing.assert_close(dsm_loss(den, x0_data, sigma, noise, "edm"), var / sigma_data**2 * eps_hat.pow(2).mean(1))
+
+
+def test_sigma_data_defaults_and_contradictions():
+    """No sigma_data: the SDE's (EDM) or 1.0 (SDEs without one). An explicit value is honoured where the SDE has
+    none and must equal the SDE's where it has one; a different value is an error naming both."""
+    assert Denoiser(_Constant(), EDM(), "edm").sigma_data == 0.5
+    assert Denoiser(_Constant(), EDM(), "eps").sigma_data == 0.5
+    assert Denoiser(_Constant(), EDM(sigma_data=0.75), "edm", sigma_data=0.75).sigma_data == 0.75
+    assert Denoiser(_Constant(), VPSDE(), "edm").sigma_data == 1.0
+    assert Denoiser(_Constant(), VPSDE(), "edm", sigma_data=0.7).sigma_data == 0.7
+    with pytest.raises(ValueError, match=r"sigma_data=1.0 .*EDM's sigma_data=0.5"):
+        Denoiser(_Constant(), EDM(), "edm", sigma_data=1.0)
+    with pytest.raises(ValueError, match=r"sigma_data=1.0 .*EDM's sigma_data=0.5"):
+        loss_weight(EDM(), torch.ones(3), "edm", sigma_data=1.0)
+    torch.testing.assert_close(loss_weight(VPSDE(), torch.full((3,), 0.5), "edm", sigma_data=0.7),
+                               loss_weight(VPSDE(), torch.full((3,), 0.5), "edm", sigma_data=0.7))
