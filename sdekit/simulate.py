@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .sensitivity.schemes import Field, check_inputs, per_step, step_map
-from .sensitivity.tracing import cached_trace
+from .sensitivity.tracing import cached_trace, field_state
 
 __all__ = ["simulate", "normal_chunks", "chunk_steps"]
 
@@ -73,7 +73,9 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
     N = ts.shape[0] - 1
     step = step_map(scheme, f, g, dg)
     h = ts[1:] - ts[:-1]
-    grad = _needs_grad(x0, theta, ts) or (dW is not None and _needs_grad(dW))
+    fields, fields_need_grad = field_state(f, g, dg)
+    grad = (_needs_grad(x0, theta, ts) or (dW is not None and _needs_grad(dW))
+            or (fields_need_grad and torch.is_grad_enabled()))      # f or g read tensors that require grad
     if grad:
         if dW is None:
             dW = torch.cat(list(normal_chunks(N, tuple(x0.shape), generator, x0.dtype, x0.device))) * h.abs().sqrt()[:, None, None]
@@ -90,7 +92,7 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
             k = 1 if N > 1 else 0
             dw0 = dW[0] if dW is not None else torch.zeros_like(x0)
             dwk = dW[k] if dW is not None else 0.1 * torch.ones_like(x0)
-            key = ("simulate", scheme, f, g, dg, *x0.shape, theta.shape, x0.dtype, x0.device)
+            key = ("simulate", scheme, fields, *x0.shape, theta.shape, x0.dtype, x0.device)
             run = cached_trace(key, lambda: step, (ts[0], h[0], x0, dw0, theta), (ts[k], h[k], x0 + 0.01 * dwk, dwk, theta),
                                invariant=(4,))(theta)
         else:

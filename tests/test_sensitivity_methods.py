@@ -56,6 +56,25 @@ def test_score_function_unbiased_and_far_noisier_than_pathwise():
     assert ratio > 10, ratio                                # measured about 20 with these parameters
 
 
+@pytest.mark.parametrize("t0, t1", [(0.0, 1.0), (1.0, 0.0)])
+def test_score_function_sign_on_forward_and_reverse_grids(t0, t1):
+    """dX = theta dt + 0.8 dW from t0 to t1: X_t1 = x0 + theta (t1 - t0) + noise, so dE[X_t1]/dtheta = t1 - t0
+    exactly, for the Euler chain too (+1 forward in time, -1 on a decreasing grid)."""
+    B, N = 20000, 25
+    gen = torch.Generator().manual_seed(3)
+    f = lambda t, x, th: th[0] + 0.0 * x                   # noqa: E731
+    g = lambda t, x, th: 0.8 + 0.0 * x                     # noqa: E731
+    x0 = torch.zeros(B, 1, dtype=torch.float64)
+    theta = torch.tensor([0.3], dtype=torch.float64)
+    ts = torch.linspace(t0, t1, N + 1, dtype=torch.float64)
+    dW = brownian_increments(ts, (B, 1), gen)
+    loss = lambda x: x[:, 0]                               # noqa: E731
+    for baseline in (False, True):
+        est = score_function.path_gradients(f, g, x0, theta, ts, dW, loss, baseline=baseline)[:, 0]
+        se = est.std() / B**0.5
+        assert abs(est.mean() - (t1 - t0)) < 4 * se, (baseline, est.mean().item(), se.item())
+
+
 def test_backprop_per_path_gradients_equal_forward():
     pb, x0, ts, dW, _ = _gbm(50, 30)
     for scheme in ("euler", "milstein", "heun"):

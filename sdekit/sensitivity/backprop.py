@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..simulate import simulate
-from .schemes import Field
+from .schemes import Field, check_inputs
 
 __all__ = ["jacobian", "path_gradients", "mean_gradient"]
 
@@ -27,6 +27,7 @@ def jacobian(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
 def path_gradients(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor,
                    loss: Callable[[Tensor], Tensor], scheme: str = "euler") -> Tensor:
     """Per-path gradients d L(X_T^b)/dtheta: (B, P), by torch.func.grad vmapped over the paths."""
+    check_inputs(f, g, x0, theta, ts, dW, scheme)         # once on the whole batch, before vmap hides the values
     def one_path(th, x0_b, dW_b):
         return loss(simulate(f, g, x0_b[None], th, ts, dW_b[:, None], scheme)).sum()
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .schemes import Field, check_inputs, per_step, step_map
-from .tracing import cached_trace
+from .tracing import cached_trace, field_state
 
 __all__ = ["forward"]
 
@@ -68,9 +68,11 @@ def forward(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tenso
 
     if trace:
         k = 1 if N > 1 else 0
-        key = ("forward", scheme, f, g, dg, B, d, P, x0.dtype, x0.device)
+        key = ("forward", scheme, field_state(f, g, dg)[0], B, d, P, x0.dtype, x0.device)
+        primal = lambda t, hn, x, dw, th, jx, jtheta: step(t, hn, x, dw, th)   # a cached trace is re-checked on this
         bind = cached_trace(key, lambda: batched_step, (ts[0], h[0], x0, dW[0], theta, Jt, theta_dirs),
-                            (ts[k], h[k], x0 + 0.01 * dW[k], dW[k], theta, Jt + 0.1, theta_dirs), invariant=(4, 6))
+                            (ts[k], h[k], x0 + 0.01 * dW[k], dW[k], theta, Jt + 0.1, theta_dirs), invariant=(4, 6),
+                            reference=primal)
         run = bind(theta, theta_dirs)                      # theta-only work done once per solve
     else:
         run = lambda t, hn, x, dw, jx: batched_step(t, hn, x, dw, theta, jx, theta_dirs)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["euler_step", "milstein_step", "heun_step", "SCHEMES", "STRONG_ORDER", "SDE_SENSE", "step_map",
-           "check_inputs", "brownian_increments", "per_step"]
+           "check_inputs", "check_diagonal_noise", "brownian_increments", "per_step"]
 
 Field = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -104,6 +104,8 @@ def check_inputs(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: 
     if len(dtypes) != 1:
         raise TypeError(f"x0, theta, ts and dW must share one dtype, got x0 {x0.dtype}, theta {theta.dtype}, "
                         f"ts {ts.dtype}, dW {None if dW is None else dW.dtype}")
+    if scheme == "milstein":
+        check_diagonal_noise(g, ts[0], x0, theta, scheme)
     with torch.no_grad():
         for name, fn in (("f", f), ("g", g)):
             out = fn(ts[0], x0[:1], theta)
@@ -111,6 +113,32 @@ def check_inputs(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: 
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"{name}(t, x, theta) must return x's shape (B, d) (diagonal noise for g); "
                                  f"for x of shape {tuple(x0[:1].shape)} it returned {got}")
+
+
+def check_diagonal_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme: str, samples: int = 4) -> None:
+    """Raise ValueError unless g_i(t, x, theta) depends on x_i only, at the first `samples` rows of x0.
+
+    The Jacobian dg/dx is diagonal exactly when its products with any two directions u, w satisfy
+    (J u) w = (J w) u elementwise, so two JVPs test it whatever d is. u and w are fixed, irregular
+    sequences in [0.5, 1.5) (no random draw: this may run under vmap).
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return          # inside vmap/grad no value can be branched on; solvers that vmap check before they do
+    x = x0[:samples].detach()
+    th = theta.detach()
+    k = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device).reshape(x.shape)
+    u, w = ((k * c).frac().add(0.5).to(x.dtype) for c in (0.6180339887498949, 0.41421356237309515))
+    field = lambda y: g(t.detach(), y, th)                 # noqa: E731
+    ju = torch.func.jvp(field, (x,), (u,))[1]
+    jw = torch.func.jvp(field, (x,), (w,))[1]
+    lhs, rhs = ju * w, jw * u
+    bad = (lhs - rhs).abs() > 1e3 * torch.finfo(x.dtype).eps * (lhs.abs() + rhs.abs())
+    if bad.any():
+        b, i = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"scheme {scheme!r} needs diagonal noise: g_i(t, x, theta) may depend on x_i only (its correction "
+            f"term is g_i dg_i/dx_i), but g_{i} changes with other components of x (sample {b} of x0). "
+            "Use 'euler' or 'heun', which accept such a g.")
 
 
 def brownian_increments(ts: Tensor, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:

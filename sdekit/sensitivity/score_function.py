@@ -1,7 +1,9 @@
 """Score-function (likelihood-ratio) estimator for drift parameters, via Girsanov on the Euler chain.
 
 Under Euler-Maruyama, X_{n+1} | X_n ~ N(X_n + f h, g^2 |h|) componentwise, so the path's log-density
-has theta-derivative  S = sum_n sum_i (df_i/dtheta)(t_n, X_n) dW_{n,i} / g_i(t_n, X_n)
+has theta-derivative  S = sum_n sign(h_n) sum_i (df_i/dtheta)(t_n, X_n) dW_{n,i} / g_i(t_n, X_n)
+(the residual dW = X_{n+1} - X_n - f h meets the drift's derivative times h, over the variance g^2 |h|;
+on a decreasing grid h < 0 flips the sign)
 (the discrete Girsanov score), and dE[L(X_N)]/dtheta = E[L(X_N) S] exactly for the Euler chain:
 no derivative of L and none through the path. It only exists for parameters that leave g unchanged
 (else the path measures are mutually singular); those columns come back as NaN. Its variance is
@@ -44,7 +46,7 @@ def path_gradients(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW
         fx, dfdth = torch.func.vmap(lambda v: torch.func.jvp(lambda th: f(t, x, th), (theta,), (v,)),
                                     out_dims=(None, 0))(dirs)                   # (B, d), (P, B, d)
         gx = g(t, x, theta)
-        score = score + (dfdth * (dW[n] / gx)).sum(-1).T
+        score = score + torch.sign(h[n]) * (dfdth * (dW[n] / gx)).sum(-1).T
         x = x + fx * h[n] + gx * dW[n]
     L = loss(x)
     if baseline:

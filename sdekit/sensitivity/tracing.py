@@ -14,11 +14,20 @@ Tracing with make_fx records the same arithmetic as ordinary aten ops. The passe
     `bind` runs once per solve instead of once per step.
 The traced step is checked against the eager one on a second set of inputs before it is trusted: a
 step whose Python control flow depends on tensor values would be frozen by tracing, and then the
-eager function is used instead (with a warning). The graph is emitted as Python that calls each op's
+eager function is used instead (with a warning).
+
+A trace also freezes the Python values the fields read from outside their arguments (a closure's `k`,
+a global, an attribute). Two guards keep a cached trace from answering for a function that has since
+changed: the cache key holds a fingerprint of those values (`field_state`: closure cells, defaults,
+referenced globals and object attributes, scalars by value, tensors by identity; tensors updated in place
+are fine, the traced code holds them by reference), and every solve compares the cached step with the
+eager one at the solve's own inputs before using it, tracing afresh on any disagreement. The graph is emitted as Python that calls each op's
 C++ entry point directly (FX's own generated code goes through the slower Python OpOverload wrappers).
 """
 from __future__ import annotations
 
+import functools
+import types
 import warnings
 from collections import OrderedDict
 from typing import Callable, Sequence
@@ -26,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["trace_step", "cached_trace"]
+__all__ = ["trace_step", "cached_trace", "field_state"]
 
 _CACHE: "OrderedDict[tuple, Callable]" = OrderedDict()
 _CACHE_SIZE = 32
@@ -50,7 +59,9 @@ def _fuse(graph: torch.fx.Graph) -> None:
             continue
         a, b = node.args
         for acc, prod in ((a, b), (b, a)):
-            if not (isinstance(prod, torch.fx.Node) and isinstance(acc, torch.fx.Node) and len(prod.users) == 1):
+            # add(p, p) (one product on both sides, e.g. after CSE) keeps p alive inside the fused op: leave it
+            if not (isinstance(prod, torch.fx.Node) and isinstance(acc, torch.fx.Node) and len(prod.users) == 1
+                    and acc is not prod):
                 continue
             if prod.target == _aten.mul.Tensor and not prod.kwargs:
                 x, y = prod.args
@@ -238,18 +249,111 @@ def trace_step(fn: Callable, example: Sequence[Tensor], check: Sequence[Tensor],
     return _eager_bind(fn, invariant, len(example))
 
 
-def cached_trace(key: tuple, make_fn: Callable[[], Callable], example: Sequence[Tensor], check: Sequence[Tensor],
-                 invariant: Sequence[int] = ()) -> Callable:
-    """`trace_step(make_fn(), example, check, invariant)`, remembered under key (which must pin f, g, scheme,
-    shapes, dtype and device).
+class _Ref:
+    """An object by identity in a cache key; holding it keeps its id from being reused while the key lives."""
+    __slots__ = ("obj",)
 
-    A repeated solve of the same problem then pays for tracing once; f and g are held by the cache
-    (at most 32 entries), so they should be pure functions of (t, x, theta).
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return isinstance(other, _Ref) and other.obj is self.obj
+
+
+_ATOMS = (int, float, complex, bool, str, bytes, type(None))
+_MAX_ITEMS = 64          # longer containers are fingerprinted by identity (the per-solve check still covers them)
+
+
+def field_state(*fns: Callable | None, depth: int = 6) -> tuple[tuple, bool]:
+    """(fingerprint, reads_grad) of what the callables can read besides their arguments.
+
+    The fingerprint changes when a value a trace would have frozen changes: closure cells, defaults,
+    globals the code names, bound `self` and callable objects' attributes, followed `depth` levels deep;
+    scalars by value, tensors by identity, shape, dtype and device, other objects by identity (held, so an id is never reused).
+    reads_grad: some tensor reached requires grad (the fields then need the eager, taped path).
+    """
+    seen: set[int] = set()
+    grads: list[bool] = []
+
+    def fp(obj, level):
+        if isinstance(obj, _ATOMS):
+            return ("nan",) if isinstance(obj, float) and obj != obj else obj
+        if isinstance(obj, Tensor):
+            grads.append(obj.requires_grad)
+            return ("tensor", _Ref(obj), tuple(obj.shape), obj.dtype, obj.device)
+        if isinstance(obj, (types.ModuleType, type, types.BuiltinFunctionType)) or level == 0 or id(obj) in seen:
+            return ("id", _Ref(obj))
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            items = list(obj) if not isinstance(obj, (set, frozenset)) else sorted(obj, key=repr)
+            return ("id", _Ref(obj), len(obj)) if len(items) > _MAX_ITEMS else (type(obj).__name__, *(fp(v, level - 1) for v in items))
+        if isinstance(obj, dict):
+            if len(obj) > _MAX_ITEMS:
+                return ("id", _Ref(obj), len(obj))
+            return ("dict", *((fp(k, level - 1), fp(v, level - 1)) for k, v in obj.items()))
+        if isinstance(obj, types.MethodType):
+            return ("method", fp(obj.__func__, level - 1), fp(obj.__self__, level - 1))
+        if isinstance(obj, types.FunctionType):
+            code = obj.__code__
+            names = set()
+            stack = [code]
+            while stack:                               # names read by the function and the functions it defines
+                c = stack.pop()
+                names.update(c.co_names)
+                stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+            cells = tuple(fp(c.cell_contents, level - 1) if _has_contents(c) else ("empty",) for c in obj.__closure__ or ())
+            globs = tuple((n, fp(obj.__globals__[n], level - 1)) for n in sorted(names) if n in obj.__globals__)
+            return ("function", code, fp(obj.__defaults__, level - 1), fp(obj.__kwdefaults__, level - 1), cells, globs)
+        if isinstance(obj, functools.partial):
+            return ("partial", fp(obj.func, level - 1), fp(obj.args, level - 1), fp(obj.keywords, level - 1))
+        state = getattr(obj, "__dict__", None)
+        return ("object", type(obj), fp(state, level - 1) if isinstance(state, dict) else ("id", _Ref(obj)))
+
+    key = tuple(fp(fn, depth) for fn in fns)
+    return key, any(grads)
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:                                 # a cell not yet assigned
+        return False
+    return True
+
+
+def _agrees(bind: Callable, reference: Callable, points: Sequence[Sequence[Tensor]], invariant: Sequence[int]) -> bool:
+    """The traced step equals `reference` (the eager step, or the part of it given) at every point."""
+    with torch.no_grad():
+        for args in points:
+            inv = [a for i, a in enumerate(args) if i in invariant]
+            rest = [a for i, a in enumerate(args) if i not in invariant]
+            got, want = bind(*inv)(*rest), reference(*args)
+            if isinstance(got, tuple) and not isinstance(want, tuple):
+                got = got[0]
+            if not _allclose(got, want):
+                return False
+    return True
+
+
+def cached_trace(key: tuple, make_fn: Callable[[], Callable], example: Sequence[Tensor], check: Sequence[Tensor],
+                 invariant: Sequence[int] = (), reference: Callable | None = None) -> Callable:
+    """`trace_step(make_fn(), example, check, invariant)`, remembered under key.
+
+    key must pin what the trace specialises on: scheme, shapes, dtype, device and `field_state` of the
+    fields. A repeated solve of the same problem then pays for tracing once. On a cache hit the stored
+    step is first compared with `reference` (default: make_fn() itself; it may return only the first
+    output, e.g. the primal of a tangent step) at `example` and `check`, which are this solve's inputs;
+    a disagreement (the fields changed in a way the key cannot see) traces afresh.
     """
     key = (*key, tuple(invariant))
-    if key in _CACHE:
+    fn = _CACHE.get(key)
+    if fn is not None:
         _CACHE.move_to_end(key)
-        return _CACHE[key]
+        if _agrees(fn, reference or make_fn(), (example, check), invariant):
+            return fn
     fn = trace_step(make_fn(), example, check, invariant)
     _CACHE[key] = fn
     while len(_CACHE) > _CACHE_SIZE:
