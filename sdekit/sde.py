@@ -156,8 +156,11 @@ class VPSDE(SDE):
     def _log_alpha(self, t: Tensor) -> Tensor:
         if self.schedule == "linear":
             return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
-        phase = math.pi / 2 * (t + self.cosine_s) / (1 + self.cosine_s)
-        return torch.log(torch.cos(phase)) - math.log(self._cos0)
+        # log(cos(phase_0 + d) / cos(phase_0)) = log1p(cos d - 1 - tan(phase_0) sin d), d = pi/2 t / (1 + s):
+        # the difference log cos(phase) - log cos0 would lose every digit of a tiny log alpha at small t.
+        d = (math.pi / 2 / (1 + self.cosine_s)) * t
+        tan0 = math.tan(math.pi / 2 * self.cosine_s / (1 + self.cosine_s))
+        return torch.log1p(-2.0 * torch.sin(0.5 * d) ** 2 - tan0 * torch.sin(d))
 
     def beta(self, t) -> Tensor:
         t = _as_tensor(t)
@@ -183,16 +186,27 @@ class VPSDE(SDE):
         two_log_alpha = 2.0 * self._log_alpha(t)
         return two_log_alpha - torch.log(-torch.expm1(two_log_alpha))
 
+    def _t_from_neg_two_log_alpha(self, neg_two_log_alpha: Tensor) -> Tensor:
+        """Linear schedule: the root t >= 0 of beta_min t + (beta_max - beta_min) t^2 / 2 = -2 log alpha,
+        in the form without cancellation (2c / (b + sqrt(b^2 + 2ac)) rather than (-b + sqrt(...)) / a)."""
+        b0, db = self.beta_min, self.beta_max - self.beta_min
+        return 2.0 * neg_two_log_alpha / (b0 + torch.sqrt(b0**2 + 2.0 * db * neg_two_log_alpha))
+
     def t_from_log_snr(self, lam):
         lam = _as_tensor(lam)
-        # alpha^2 = sigmoid(lam), so -2 log alpha = softplus(-lam)
-        neg_two_log_alpha = torch.nn.functional.softplus(-lam)
         if self.schedule == "linear":
-            b0, db = self.beta_min, self.beta_max - self.beta_min
-            return 2.0 * neg_two_log_alpha / (b0 + torch.sqrt(b0**2 + 2.0 * db * neg_two_log_alpha))
-        alpha = torch.exp(-0.5 * neg_two_log_alpha)
-        phase = torch.arccos(alpha * self._cos0)
-        return phase * 2.0 * (1 + self.cosine_s) / math.pi - self.cosine_s
+            # alpha^2 = sigmoid(lam), so -2 log alpha = softplus(-lam)
+            return self._t_from_neg_two_log_alpha(torch.nn.functional.softplus(-lam))
+        # cos(phase_t) = alpha_t cos(phase_0) with t = (phase_t - phase_0) 2 (1 + s) / pi. Solve for the
+        # difference d = phase_t - phase_0 directly (arccos, then subtracting phase_0, cancels at small t):
+        # with S = sin(phase_t) = sqrt(1 - alpha^2 cos0^2) = sqrt(sigma^2 cos0^2 + sin0^2),
+        # sin d = cos0 sigma^2 / (S + alpha sin0) and cos d = alpha cos0^2 + S sin0.
+        cos0 = self._cos0
+        sin0 = math.sin(math.pi / 2 * self.cosine_s / (1 + self.cosine_s))
+        alpha, sigma2 = torch.sqrt(torch.sigmoid(lam)), torch.sigmoid(-lam)
+        S = torch.sqrt(sigma2 * cos0**2 + sin0**2)
+        d = torch.atan2(cos0 * sigma2 / (S + alpha * sin0), alpha * cos0**2 + S * sin0)
+        return d * (2.0 * (1 + self.cosine_s) / math.pi)
 
     def config(self):
         return dict(name="vp", beta_min=self.beta_min, beta_max=self.beta_max, schedule=self.schedule,
@@ -223,12 +237,15 @@ class SubVPSDE(VPSDE):
 
     def t_from_log_snr(self, lam):
         lam = _as_tensor(lam)
-        # a = alpha^2 solves e^lam (1 - a)^2 = a; take the root in (0, 1).
-        e = torch.exp(lam)
-        a = (2 * e + 1 - torch.sqrt(4 * e + 1)) / (2 * e)
-        neg_two_log_alpha = -torch.log(a)
-        b0, db = self.beta_min, self.beta_max - self.beta_min
-        return 2.0 * neg_two_log_alpha / (b0 + torch.sqrt(b0**2 + 2.0 * db * neg_two_log_alpha))
+        # a = alpha^2 solves e^lam (1 - a)^2 = a; its root in (0, 1) has (1 - a) / a = q / 2 + sqrt(q + q^2 / 4),
+        # q = e^-lam, so -log a = log1p(q / 2 + sqrt(q) sqrt(1 + q / 4)) (no cancellation; for lam >= 0, q <= 1),
+        # = -lam + log(e^lam + 1/2 + sqrt(e^lam + 1/4)) (for lam < 0, where q would overflow).
+        # (The textbook root (2e + 1 - sqrt(4e + 1)) / (2e), e = e^lam, cancels: NaN below lam ~ -19 in float64.)
+        neg, pos = lam.clamp(max=0.0), lam.clamp(min=0.0)
+        e, q = torch.exp(neg), torch.exp(-pos)
+        from_neg = -neg + torch.log(e + 0.5 + torch.sqrt(e + 0.25))
+        from_pos = torch.log1p(0.5 * q + torch.exp(-0.5 * pos) * torch.sqrt(1.0 + 0.25 * q))
+        return self._t_from_neg_two_log_alpha(torch.where(lam < 0, from_neg, from_pos))
 
     def config(self):
         return dict(name="subvp", beta_min=self.beta_min, beta_max=self.beta_max, t_min=self.t_min, t_max=self.t_max)
@@ -268,8 +285,10 @@ class VESDE(SDE):
 
     def t_from_log_snr(self, lam):
         lam = _as_tensor(lam)
-        # sigma^2 = exp(-lam) = sigma_min^2 (exp(2 t L) - 1)
-        return torch.log1p(torch.exp(-lam) / self.sigma_min**2) / (2 * self._log_ratio)
+        # sigma^2 = exp(-lam) = sigma_min^2 (exp(2 t L) - 1), so 2 t L = log1p(exp(-lam - 2 log sigma_min)),
+        # a softplus (written so that exp(-lam) cannot overflow at very negative lam)
+        x = -lam - 2.0 * math.log(self.sigma_min)
+        return torch.logaddexp(x, torch.zeros_like(x)) / (2 * self._log_ratio)
 
     def config(self):
         return dict(name="ve", sigma_min=self.sigma_min, sigma_max=self.sigma_max, t_min=self.t_min, t_max=self.t_max)

@@ -91,3 +91,74 @@ def test_prior_sample_uses_generator():
     a = sde.prior_sample((3, 2), generator=torch.Generator().manual_seed(5))
     b = sde.prior_sample((3, 2), generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.shape == (3, 2)
+
+
+# --- inverses of log-SNR over the whole range -----------------------------------------------------------
+# t from far below t_min to past t_max (the forward SDE is defined there; lognormal training times and
+# log-SNR grids reach both ends): log-SNR from about +30 down to about -40.
+RANGES = {
+    "vp_linear": (1e-6, 2.0),
+    "vp_cosine": (1e-6, 0.9946),
+    "subvp": (1e-6, 2.0),
+    "ve": (1e-6, 1.5),
+    "edm": (1e-4, 500.0),
+}
+
+
+def _close_to_float64(t32: torch.Tensor, t64: torch.Tensor, lam: torch.Tensor) -> None:
+    """float32 result within 4 u (1 + |lambda|) relative of the float64 one, u = 6e-8 float32's unit roundoff:
+    t depends on lambda like e^-lambda/2 or e^-lambda at the ends (relative condition number <= 1 + |lambda|)."""
+    rel = (t32.double() - t64).abs() / t64.abs().clamp_min(1e-300)
+    bound = 4 * 2.0**-24 * (1 + lam.double().abs())
+    worst = int(torch.argmax(rel / bound))
+    assert bool((rel <= bound).all()), f"lambda = {float(lam[worst]):.4g}: t = {float(t32[worst]):.8g} (float32) vs {float(t64[worst]):.8g}"
+
+
+def _times(name: str) -> torch.Tensor:
+    lo, hi = RANGES[name]
+    return torch.cat([torch.logspace(math.log10(lo), math.log10(hi), 200, dtype=torch.float64),
+                      torch.linspace(lo, hi, 200, dtype=torch.float64)]).sort().values
+
+
+@pytest.mark.parametrize("name", SDES)
+def test_t_from_log_snr_round_trips_over_the_whole_range(name):
+    """t -> log_snr -> t: in float64 to 1e-9 relative; in float32 the inverse at the float32 log-SNR agrees with
+    the float64 inverse at the same input to 4 u (1 + |lambda|) relative (u = 6e-8), never NaN. SubVPSDE's root formula (2e + 1 - sqrt(4e + 1)) / 2e, e = e^lambda,
+    cancelled: NaN at lambda = -20, t = 1.034 for lambda = -26 (true 1.61), and 0.88843 for 0.89170 in float32 at -8."""
+    sde = SDES[name]()
+    t = _times(name)
+    back = sde.t_from_log_snr(sde.log_snr(t))
+    assert bool(torch.isfinite(back).all()), f"{name}: non-finite at t = {t[~torch.isfinite(back)][:3].tolist()}"
+    torch.testing.assert_close(back, t, rtol=1e-9, atol=0)
+    lam32 = sde.log_snr(t.float())
+    assert bool(torch.isfinite(lam32).all()) and lam32.dtype == torch.float32
+    back32 = sde.t_from_log_snr(lam32)
+    assert back32.dtype == torch.float32 and bool(torch.isfinite(back32).all())
+    _close_to_float64(back32, sde.t_from_log_snr(lam32.double()), lam32)
+
+
+@pytest.mark.parametrize("name", SDES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_t_from_log_snr_at_extreme_log_snr(name, dtype):
+    """log-SNR from -80 to 80: finite, non-negative, non-increasing in lambda, and in float32 within
+    4 u (1 + |lambda|) of the float64 answer (which the round trip above pins down)."""
+    sde = SDES[name]()
+    lam = torch.linspace(-80.0, 80.0, 321, dtype=dtype)
+    t = sde.t_from_log_snr(lam)
+    assert bool(torch.isfinite(t).all() and (t >= 0).all()), f"{name}: {t[~torch.isfinite(t) | (t < 0)][:3].tolist()}"
+    assert bool((t[1:] <= t[:-1]).all()), f"{name}: t_from_log_snr is not monotone"
+    _close_to_float64(t, sde.t_from_log_snr(lam.double()), lam)
+
+
+def test_subvp_inverse_matches_bisection():
+    """SubVPSDE.t_from_log_snr against bisection on its own log_snr (float64), at the values that failed."""
+    sde = SubVPSDE(0.1, 20.0)
+    for lam in (-26.0, -20.0, -8.0, 0.0, 8.0, 20.0):
+        lo, hi = 1e-12, 10.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if float(sde.log_snr(torch.tensor(mid, dtype=torch.float64))) > lam else (lo, mid)
+        t_ref = 0.5 * (lo + hi)
+        for dtype in (torch.float64, torch.float32):
+            got = float(sde.t_from_log_snr(torch.tensor(lam, dtype=dtype)))
+            assert abs(got - t_ref) <= (1e-12 if dtype == torch.float64 else 2e-6) * t_ref, (lam, dtype, got, t_ref)

@@ -42,11 +42,12 @@ def sde_coefficients(sde: SDE) -> dict[str, Callable]:
     if isinstance(sde, VPSDE):  # includes SubVPSDE
         b0, db, s = sde.beta_min, sde.beta_max - sde.beta_min, sde.cosine_s
         cosine = sde.schedule == "cosine"
-        log_cos0 = math.log(math.cos(math.pi / 2 * s / (1 + s)))
+        tan0 = math.tan(math.pi / 2 * s / (1 + s))
 
         def log_alpha(t):
-            if cosine:
-                return jnp.log(jnp.cos(math.pi / 2 * (t + s) / (1 + s))) - log_cos0
+            if cosine:  # log(cos(phase_0 + d) / cos(phase_0)) without cancellation, as in sdekit.sde.VPSDE
+                d = math.pi / 2 / (1 + s) * t
+                return jnp.log1p(-2.0 * jnp.sin(0.5 * d) ** 2 - tan0 * jnp.sin(d))
             return -0.5 * (b0 * t + 0.5 * db * t**2)
 
         def beta(t):
