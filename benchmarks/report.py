@@ -83,6 +83,12 @@ def markdown(result: dict) -> str:
                         cells.append(f"{r['speedup_vs_plain']:.2f}")
                 L.append(f"| {m} | " + " | ".join(cells) + " |")
             L.append("")
+        guard = [(r["problem"], r["batch"], r["guard_fraction"]) for r in sim["rows"] if "guard_fraction" in r]
+        if guard:
+            L.append(f"- The trace guard (fingerprint of what f and g read, plus the cached step re-checked against the eager "
+                     f"step) costs per solve, as a fraction of the {sim['steps']}-step Euler solve: "
+                     + ", ".join(f"{p} B={B:.0e} {100 * v:.1f}%" for p, B, v in guard) + " (a fixed cost per solve, so it "
+                     "shrinks as 1/N).")
         L += [f"- {n}" for n in sim.get("notes", [])] + [""]
     sens = result.get("sensitivity")
     if sens:
