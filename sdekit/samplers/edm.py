@@ -31,7 +31,9 @@ def edm(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, generator: torch
         noise: Tensor | None = None, callback: Callable | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
         S_tmax: float = float("inf"), S_noise: float = 1.0) -> Tensor:
     """EDM stochastic Heun from ts[0] to ts[-1]. x: (B, *S); ts: (N+1,) decreasing; noise: (N, B, *S),
-    row i used when step i churns. S_tmin/S_tmax bound sigma = sigma_t / alpha_t. Two NFE per step."""
+    row i used when step i churns. Without noise and with S_churn > 0, one draw per step is taken from
+    generator whether or not the step churns, so a generator run equals the run given those draws as noise.
+    S_tmin/S_tmax bound sigma = sigma_t / alpha_t. Two NFE per step."""
     if S_churn < 0 or S_noise < 0 or S_tmin < 0 or S_tmax < S_tmin:
         raise ValueError(f"edm: need S_churn >= 0, S_noise >= 0 and 0 <= S_tmin <= S_tmax, got "
                          f"S_churn={S_churn}, S_noise={S_noise}, S_tmin={S_tmin}, S_tmax={S_tmax}")
@@ -51,10 +53,12 @@ def edm(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, generator: torch
         s_i, s_next = sigmas[i], sigmas[i + 1]
         gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= float(s_i) <= S_tmax else 0.0
         s_hat = min(float(s_i) * (1 + gamma), sigma_cap)
+        # with churn on, one draw per step whether or not this step churns: step i uses row i in both paths
+        z = step_noise(noise, i, y, generator) if S_churn > 0 else None
         if s_hat > float(s_i):
             t_hat = sde.t_from_sigma_ratio(torch.tensor(s_hat, dtype=torch.float64)).to(ts)
             s_hat = sde.sigma_ratio(t_hat)                          # consistent with t_hat to round-off
-            y_hat = y + torch.sqrt(s_hat**2 - s_i**2) * S_noise * step_noise(noise, i, y, generator)
+            y_hat = y + torch.sqrt(s_hat**2 - s_i**2) * S_noise * z
         else:
             t_hat, s_hat, y_hat = ts[i], s_i, y
         d = (y_hat - denoise(y_hat, t_hat)) / s_hat
