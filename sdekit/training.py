@@ -2,8 +2,8 @@
 
 Reading order: build the pieces from the config, then one loop of optimiser steps.
 
-Determinism by construction: the data order, the diffusion times and the noise of step s are pure
-functions of (seed, s), drawn for the whole global batch and sliced per process. Hence
+Determinism by construction: the data order, the diffusion times, the noise and the dropout masks of step s
+are pure functions of (seed, s), drawn for the whole global batch and sliced per process. Hence
   * N processes x batch B give the same update as 1 process x batch N B (to round-off);
   * resuming needs only (weights, EMA, optimiser, scheduler, step): a killed and resumed run ends
     with the same parameters as an uninterrupted one.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -33,7 +34,7 @@ from .losses import dsm_loss, sample_t
 from .precond import Denoiser
 from .sde import SDE, make_sde
 
-__all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator", "EMA", "train",
+__all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator", "KeyedDropout", "EMA", "train",
            "load_trained", "resolve_checkpoint", "main"]
 
 
@@ -105,6 +106,74 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
         mask = epochs == e
         out[mask] = perm[offsets[mask]]
     return out
+
+
+_KEYED_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+class KeyedDropout:
+    """Dropout masks keyed by (seed, step) and by each sample's row in the global batch, like every other draw.
+
+    nn.Dropout draws from the global RNG: a resumed run, or N processes instead of one, would draw other masks.
+    While installed on a network, each nn.Dropout / Dropout1d / Dropout2d / Dropout3d in training mode draws, at
+    every call, the masks of the whole global batch (global_batch, *x.shape[1:]) from a generator seeded by
+    (seed, step) afresh for each micro-batch, and keeps the rows of its own micro-batch, as the loop does for
+    times and noise: a resumed run draws the same masks, and N processes or gradient accumulation draw the same
+    mask for each sample as one process (costing the global batch's masks per micro-batch). A dropout whose
+    input does not have the micro-batch as its first dimension draws masks keyed by (seed, step, micro-batch,
+    rank) instead: exact on resume, not equal across process counts. Other random ops inside the network
+    (say F.dropout called directly) draw from the global RNG, which the loop seeds by (seed, step, micro-batch,
+    rank): also exact on resume only.
+    """
+
+    def __init__(self, net: nn.Module):
+        self.modules = [m for m in net.modules() if isinstance(m, _KEYED_DROPOUT) and m.p > 0]
+        self._batch: dict | None = None
+        for m in self.modules:
+            m.forward = functools.partial(self._forward, m)   # an instance attribute: DDP and hooks still call it
+
+    def remove(self) -> None:
+        """Give every dropout module back its own forward."""
+        for m in self.modules:
+            m.__dict__.pop("forward", None)
+
+    @contextlib.contextmanager
+    def micro_batch(self, seed: int, step: int, rows: slice, global_batch: int, fallback_key: int):
+        """Draw masks for the rows `rows` of the global batch of `global_batch` samples at optimisation step `step`."""
+        self._batch = {"key": _mix(seed, step, 1), "rows": rows, "n": global_batch, "fallback_key": fallback_key, "gens": {}}
+        try:
+            yield
+        finally:
+            self._batch = None
+
+    def _forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        b = self._batch
+        if not m.training or b is None:
+            return type(m).forward(m, x)
+        if m.p >= 1:
+            return x * 0
+        shape = tuple(x.shape) if type(m) is nn.Dropout else (*x.shape[:2], *[1] * (x.ndim - 2))   # DropoutNd: per channel
+        rows = b["rows"]
+        if x.ndim >= 2 and x.shape[0] == rows.stop - rows.start:
+            u = torch.rand((b["n"], *shape[1:]), generator=self._generator(b, "key", x.device), device=x.device)[rows]
+        else:
+            u = torch.rand(shape, generator=self._generator(b, "fallback_key", x.device), device=x.device)
+        return x * (u >= m.p).to(x.dtype) / (1 - m.p)
+
+    @staticmethod
+    def _generator(b: dict, which: str, device) -> torch.Generator:
+        gens = b["gens"]
+        if (which, device) not in gens:
+            gens[which, device] = torch.Generator(device=device).manual_seed(b[which])
+        return gens[which, device]
+
+
+def _mix(*ints: int) -> int:
+    """A seed from several integers (distinct tuples give unrelated streams)."""
+    h = 0x9E3779B97F4A7C15
+    for i in ints:
+        h = ((h ^ (int(i) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 + 0x632BE59BD9B4E019) % (1 << 64)
+    return h % (2**63 - 1)
 
 
 class EMA:
@@ -186,12 +255,20 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     'model' (this process's trained network), 'ema' (EMA weights as a state dict)}.
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision)
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):   # the loop seeds the global RNG per step; the caller's state comes back
+        return _train(cfg, resume, accelerator, progress)
+
+
+def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    tc = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
     if tc.batch_size % (world * tc.grad_accum):
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by processes x train.grad_accum = {world} x {tc.grad_accum}")
@@ -252,11 +329,12 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
             path = save_checkpoint(run_dir, step, {"model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors},
                                    {"config": to_dict(cfg), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
                                     "data_shape": list(data_shape), "world_size": world,
-                                    "rng": f"keyed by (train.seed={tc.seed}, step); no global RNG state is used"})
+                                    "rng": f"keyed by (train.seed={tc.seed}, step): data order, times, noise, dropout; no global RNG state is carried"})
             prune_checkpoints(run_dir, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
+    dropout = KeyedDropout(net)
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and accelerator.is_main_process),
                desc="train", dynamic_ncols=True)
     for step in bar:
@@ -282,7 +360,9 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
                 y = labels[idx[part].to(device)]
                 net_kwargs["labels"] = torch.where(drop_all[part].to(device), torch.full_like(y, num_classes), y)
             sync = accelerator.no_sync(net) if k < tc.grad_accum - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
+            key = _mix(tc.seed, step, k, rank, 2)
+            torch.manual_seed(key)   # any other random op in the network: keyed too (the caller's RNG is restored by train)
+            with sync, accelerator.autocast(), dropout.micro_batch(tc.seed, step, part, tc.batch_size, key):
                 loss = dsm_loss(denoiser, x0, t, noise, cfg.loss.weighting, cfg.loss.min_snr_gamma, **net_kwargs).mean() / tc.grad_accum
             accelerator.backward(loss)
             total += loss.detach().float()
@@ -314,6 +394,7 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
         if done % tc.ckpt_every == 0 or done == tc.steps:
             ckpt_path = save(done)
     bar.close()
+    dropout.remove()
     if accelerator.is_main_process and log_path.is_file():
         _plot_loss(log_path, run_dir / "loss.png")
     return {"run_dir": str(run_dir), "step": tc.steps, "checkpoint": str(ckpt_path) if ckpt_path else None, "loss": last_loss,

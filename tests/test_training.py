@@ -87,3 +87,55 @@ def test_logged_lr_is_the_one_the_step_used(tmp_path):
     moved = max(float((after["model"][k] - init[k]).abs().max()) for k in init)
     logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["lr"]
     assert logged == pytest.approx(moved, rel=1e-4) and logged == pytest.approx(1e-2 / 5), (logged, moved)
+
+
+DROPOUT = ["model.options.channels=8", "model.options.attn_resolutions=[]", "model.options.dropout=0.3",
+           "train.batch_size=16", "train.warmup_steps=2", "train.keep_checkpoints=5"]
+
+
+def test_resume_equals_uninterrupted_run_with_dropout(tmp_path):
+    """Dropout masks are keyed by (seed, step) like every other draw: resumed from the uninterrupted run's own
+    step-30 checkpoint (what a run killed after step 30 leaves), training to 60 gives exactly its parameters."""
+    import shutil
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    cfg = lambda out, *o: load_config(ROOT / "configs/digits.yaml", [*DROPOUT, f"train.out_dir={out}", "train.steps=60",  # noqa: E731
+                                                                     "train.ckpt_every=30", *o])
+    train(cfg(tmp_path / "full"), progress=False)
+    shutil.copytree(tmp_path / "full/checkpoints/step_00000030", tmp_path / "part/checkpoints/step_00000030")
+    train(cfg(tmp_path / "part"), resume=tmp_path / "part", progress=False)
+    full, _ = load_checkpoint(tmp_path / "full/checkpoints/step_00000060")
+    part, _ = load_checkpoint(tmp_path / "part/checkpoints/step_00000060")
+    for group in ("model", "ema"):
+        for k in full[group]:
+            assert torch.equal(full[group][k], part[group][k]), (group, k, float((full[group][k] - part[group][k]).abs().max()))
+    # the masks are drawn: the same run without dropout ends elsewhere
+    train(cfg(tmp_path / "none", "model.options.dropout=0.0"), progress=False)
+    none, _ = load_checkpoint(tmp_path / "none/checkpoints/step_00000060")
+    assert not torch.equal(none["model"]["out_conv.weight"], full["model"]["out_conv.weight"])
+
+
+def test_keyed_dropout_masks_are_the_global_batch_sliced():
+    """A micro-batch's masks are rows of the global batch's: two halves drawn separately equal the whole, each
+    DropoutNd drops whole channels at rate p, and outside training dropout is the identity."""
+    from sdekit.training import KeyedDropout
+    net = torch.nn.Sequential(torch.nn.Dropout(0.25), torch.nn.Dropout2d(0.5))
+    keyed = KeyedDropout(net)
+    x = torch.ones(8, 64, 4, 4)
+    with keyed.micro_batch(3, 7, slice(0, 8), 8, 0):
+        whole = net(x)
+    halves = []
+    for rows in (slice(0, 4), slice(4, 8)):
+        with keyed.micro_batch(3, 7, rows, 8, 0):
+            halves.append(net(x[rows]))
+    assert torch.equal(torch.cat(halves), whole)
+    kept = (whole != 0)
+    per_channel = kept.flatten(2).any(2)
+    assert 0.3 < per_channel.double().mean() < 0.7                     # Dropout2d keeps about half the channels
+    assert 0.65 < kept[per_channel].double().mean() < 0.85              # Dropout keeps about 3/4 inside them
+    with keyed.micro_batch(3, 8, slice(0, 8), 8, 0):
+        assert not torch.equal(net(x), whole)                           # another step, other masks
+    net.eval()
+    assert torch.equal(net(x), x)
+    keyed.remove()
+    assert "forward" not in net[0].__dict__
