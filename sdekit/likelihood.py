@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .data import check_finite
 from .rng import draw
 from .samplers.noise import check_noise
 from .samplers.rk45 import dopri5
@@ -56,7 +57,7 @@ def log_likelihood(score_fn: Callable, sde: SDE, x: Tensor, method: str = "exact
     """log p_{t_min}(x) in nats per sample, by the probability-flow ODE from sde.t_min to sde.t_max.
 
     score_fn(x: (B, *S), t: (B,)) -> (B, *S); it must be differentiable in x (torch autograd).
-    x: (B, *S). method: 'exact' (D backward passes per evaluation, D = prod(S)) or 'hutchinson'
+    x: (B, *S), finite (NaN/Inf raise ValueError with the first bad index). method: 'exact' (D backward passes per evaluation, D = prod(S)) or 'hutchinson'
     (one, with a `probe` of 'rademacher' or 'gaussian' per sample drawn from generator, or given as noise: (B, *S)).
     prior_log_prob(x_T: (B, *S)) -> (B,) defaults to sde.prior_log_prob; pass the exact p_{t_max}
     when it is known to remove the prior mismatch from the comparison.
@@ -69,12 +70,14 @@ def log_likelihood(score_fn: Callable, sde: SDE, x: Tensor, method: str = "exact
         raise ValueError(f"unknown Hutchinson probe {probe!r}; expected one of {PROBES}")
     if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] < 1:
         raise ValueError(f"x must be a (B, *S) tensor with B >= 1, got {getattr(x, 'shape', type(x).__name__)}")
+    check_finite(x, "log_likelihood: x")
     if noise is not None and method != "hutchinson":
         raise ValueError("noise (the Hutchinson probes) is only used with method='hutchinson'")
     eps = None
     if method == "hutchinson":
         if noise is not None:
             check_noise(noise[None] if isinstance(noise, Tensor) else noise, 1, x, "log_likelihood")
+            check_finite(noise, "log_likelihood: noise")
         eps = noise.to(x) if noise is not None else _probe(x, probe, generator)
 
     B, shape, D = x.shape[0], x.shape, x[0].numel()

@@ -348,3 +348,22 @@ def test_generator_run_replays_through_noise(sampler, sde_name):
     noise = torch.stack([torch.randn(shape, generator=gen) for _ in range(SAMPLERS[sampler].noise_draws(steps, options))])
     replay = sample(score, sde, shape, sampler, steps=steps, x_T=x_T, noise=noise, **options)
     assert torch.equal(run, replay), f"{sampler}: max difference {float((run - replay).abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_x_T_and_noise_are_refused_by_name_and_index(bad):
+    """A NaN/Inf in x_T or in noise is a ValueError naming the argument and its first bad index, before any
+    network evaluation (a NaN x_T used to be integrated into NaN samples without a word)."""
+    sde, gmm = SDES["vp"](), separated_mixture()
+    calls = []
+    score = lambda x, t: calls.append(1) or gmm.score(x, t, sde)
+    x_T = torch.zeros(4, 2)
+    x_T[1, 1] = bad
+    for sampler in SAMPLERS:
+        with pytest.raises(ValueError, match=r"x_T contains 1 NaN/Inf value\(s\), first at index \(1, 1\)"):
+            sample(score, sde, (4, 2), sampler, steps=3, x_T=x_T)
+    noise = torch.zeros(3, 4, 2)
+    noise[2, 0, 1] = bad
+    with pytest.raises(ValueError, match=r"noise contains 1 NaN/Inf value\(s\), first at index \(2, 0, 1\)"):
+        sample(score, sde, (4, 2), "euler_maruyama", steps=3, noise=noise)
+    assert calls == []

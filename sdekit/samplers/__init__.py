@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..data import check_finite
 from ..sde import SDE, broadcast_like
 from .ddim import ddim
 from .dpm_solver import dpmpp_2m
@@ -79,7 +80,8 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     """Draw samples by integrating from sde.t_max to sde.t_min.
 
     score_fn(x: (B, *S), t: (B,)) -> (B, *S), the score grad_x log p_t(x).
-    shape: (B, *S). x_T defaults to sde.prior_sample(shape, generator=generator).
+    shape: (B, *S). x_T defaults to sde.prior_sample(shape, generator=generator); a given x_T (and noise) must be
+    finite (NaN/Inf raise ValueError naming the argument and the first bad index).
     noise: (N, B, *S) standard normals for stochastic samplers (the path is then a deterministic function);
     pc takes N * (1 + n_corrector) rows (predictor, then its correctors, for each step).
     ts: explicit decreasing time grid (N+1,), else `grid` ('uniform', 'log_snr', 'edm') with `steps` steps;
@@ -102,6 +104,8 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         x_T = sde.prior_sample(shape, generator=generator, dtype=dtype, device=device)
     elif tuple(x_T.shape) != shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+    else:
+        check_finite(x_T, "x_T")
     if ts is None:
         if spec.default_steps is None:
             steps = 1  # adaptive: only the end points matter
@@ -122,6 +126,7 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         if tuple(noise.shape[1:]) != shape or noise.shape[0] < draws:
             raise ValueError(f"noise for sampler {sampler!r} must have shape ({draws}, {', '.join(map(str, shape))}), "
                              f"got {tuple(noise.shape)}")
+        check_finite(noise, "noise")
 
     counted = CountingScore(score_fn)
     trajectory = [x_T] if return_trajectory else None
