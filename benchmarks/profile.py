@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sdekit.simulate import simulate
+from sdekit import simulate
 
 from . import problems
 

@@ -11,8 +11,7 @@ import math
 
 import torch
 
-from sdekit import sensitivity
-from sdekit.simulate import simulate
+from sdekit import sensitivity, simulate
 
 from . import problems
 from .timing import interleaved, peak_memory_mib

@@ -12,9 +12,8 @@ import math
 
 import torch
 
-from sdekit.sensitivity.schemes import step_map
-from sdekit.sensitivity.tracing import _agrees, cached_trace, field_state
-from sdekit.simulate import simulate
+from sdekit.solvers import simulate, step_map
+from sdekit.solvers._tracing import _agrees, cached_trace, field_state
 
 from . import problems
 from .timing import interleaved

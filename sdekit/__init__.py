@@ -1,17 +1,18 @@
 """sdekit: diffusion models and SDEs through the reparameterization (pathwise) view."""
 from . import data, losses, metrics, precond
 from . import ito, estimators
-from . import sensitivity
+from . import sensitivity, solvers
 from .data import GaussianMixture
 from .likelihood import log_likelihood
 from .samplers import SAMPLERS, sample
 from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE, make_sde
+from .solvers import simulate
 
 __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "make_sde",
     "GaussianMixture", "data", "losses", "metrics", "precond",
     "sample", "SAMPLERS",
-    "sensitivity",
+    "sensitivity", "solvers", "simulate",
     "log_likelihood",
     "ito", "estimators",
 ]

@@ -4,7 +4,7 @@ Along a solution of the probability-flow ODE dx/dt = v(x, t) = f(x, t) - g(t)^2 
 density obeys d log p_t(x_t) / dt = -div v(x_t, t), so
     log p_{t_min}(x) = log p_{t_max}(x_{t_max}) + int_{t_min}^{t_max} div v(x_t, t) dt.
 The state and the integral are solved together by the adaptive Dormand-Prince integrator of
-`sdekit.samplers.rk45`. The divergence is exact (one backward pass per dimension; for small d) or a
+`sdekit.solvers.dopri`. The divergence is exact (one backward pass per dimension; for small d) or a
 Hutchinson estimate eps^T (dv/dx) eps with one probe eps per sample held fixed along the path,
 which keeps the integral an unbiased estimate of the exact one.
 
@@ -21,8 +21,8 @@ from torch import Tensor
 from .data import check_finite
 from .rng import draw
 from .samplers.noise import check_noise
-from .samplers.rk45 import dopri5
 from .sde import SDE
+from .solvers import dopri5
 
 __all__ = ["log_likelihood", "bits_per_dim", "dequantize"]
 

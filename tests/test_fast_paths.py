@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sdekit import sensitivity
-from sdekit.simulate import chunk_steps, normal_chunks, simulate
+from sdekit.solvers import chunk_steps, normal_chunks, simulate
 
 B, N, D = 6, 40, 3
 
@@ -88,8 +88,8 @@ def test_simulate_fields_returning_x_itself():
 
 def test_simulate_drawn_increments_are_the_documented_chunks(monkeypatch):
     """dW=None means dW[n] = sqrt(|h_n|) z[n] with z the concatenated normal_chunks of the generator."""
-    import sdekit.simulate as sim
-    monkeypatch.setattr(sim, "_CHUNK_ELEMENTS", 7 * B * D)   # 7 steps a chunk: several chunks and a ragged last one
+    import sdekit.solvers.brownian as brownian
+    monkeypatch.setattr(brownian, "_CHUNK_ELEMENTS", 7 * B * D)   # 7 steps a chunk: several chunks and a ragged last one
     f, g, _ = _fields()
     x0, theta, ts, _ = _inputs(n=300)
     z = torch.cat(list(normal_chunks(300, (B, D), torch.Generator().manual_seed(3), torch.float64, "cpu")))
@@ -204,13 +204,13 @@ def test_benchmark_plain_loops_are_the_textbook_schemes(milstein):
 
 
 def _traced_graph(step, *example):
-    from sdekit.sensitivity import tracing
-    return tracing._simplify(torch.fx.experimental.proxy_tensor.make_fx(step)(*example))
+    from sdekit.solvers import _tracing
+    return _tracing._simplify(torch.fx.experimental.proxy_tensor.make_fx(step)(*example))
 
 
 def test_tracing_computes_shared_subexpressions_once():
     """g and dg share sigmoid(c x + e): the traced Milstein step evaluates it once and still equals the eager step."""
-    from sdekit.sensitivity.schemes import step_map
+    from sdekit.solvers import step_map
     c, e = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     f = lambda t, x, th: th[0] * torch.sigmoid(c * x + e)
     g = lambda t, x, th: th[1] * torch.sigmoid(c * x + e)

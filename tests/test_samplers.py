@@ -9,7 +9,7 @@ import torch
 
 import sdekit
 from sdekit.samplers import SAMPLERS, sample
-from sdekit.samplers.rk45 import dopri5
+from sdekit.solvers import dopri5
 
 SDES = {
     "vp": lambda: sdekit.VPSDE(),

@@ -6,7 +6,7 @@ import torch
 import sdekit
 from sdekit import sensitivity
 from sdekit.sensitivity import backprop, brownian_increments
-from sdekit.simulate import simulate
+from sdekit import simulate
 from sdekit.sensitivity.compare import strong_errors
 from sdekit.sensitivity.problems import make_problem
 

@@ -12,8 +12,8 @@ import torch
 from sdekit import sensitivity
 from sdekit.sensitivity import brownian_increments
 from sdekit.sensitivity.problems import make_problem
-from sdekit.sensitivity.tracing import field_state
-from sdekit.simulate import simulate
+from sdekit import simulate
+from sdekit.solvers._tracing import field_state
 
 DT = torch.float64
 
@@ -157,7 +157,7 @@ def test_every_problem_and_scheme_traces_without_falling_back(name, scheme, recw
 
 
 def test_fusion_keeps_a_product_added_to_itself():
-    from sdekit.sensitivity.tracing import trace_step
+    from sdekit.solvers._tracing import trace_step
     import warnings
 
     def step(x, y):

@@ -1,6 +1,7 @@
 """Pathwise sensitivities dX_t/dtheta of SDE solutions, by every standard method, on the same noise.
 
-schemes        the one-step maps of the schemes (the primal solver is `sdekit.simulate`)
+The schemes' one-step maps and the primal solver `sdekit.simulate` live in `sdekit.solvers`.
+
 forward        the sensitivity equation integrated alongside the path (forward mode, `forward`)
 backprop       reverse-mode autograd through the same discrete solver
 adjoint        torchsde's `sdeint_adjoint` on the same Brownian increments
@@ -10,7 +11,7 @@ score_function likelihood-ratio (Girsanov) estimator for drift parameters
 problems       registry of test problems with closed forms where they exist
 compare        runs every method on one problem; report is the `sdekit sensitivity` command
 """
+from ..solvers import SCHEMES, brownian_increments
 from .forward import forward
-from .schemes import SCHEMES, brownian_increments
 
 __all__ = ["forward", "SCHEMES", "brownian_increments"]

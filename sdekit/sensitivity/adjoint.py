@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from .schemes import Field, check_inputs
+from ..solvers import Field, check_inputs
 
 __all__ = ["mean_gradient"]
 
@@ -35,12 +35,11 @@ class _SDE(nn.Module):
 def mean_gradient(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor,
                   loss: Callable[[Tensor], Tensor], method: str = "euler", adjoint_method: str = "euler") -> Tensor:
     """d/dtheta of mean_b L(X_T^b) by torchsde.sdeint_adjoint with fixed steps on ts: (P,)."""
-    import torchsde
+    from ..interop.torchsde import GridBrownian, torchsde  # the adapter imports torchsde or names the [torchsde] extra
     check_inputs(f, g, x0, theta, ts, dW, "euler")
     if not (ts[1:] > ts[:-1]).all():
         raise ValueError("the torchsde adjoint needs increasing ts")
     sde = _SDE(f, g, theta)
-    from ..backends.torchsde import GridBrownian  # imports torchsde, which only this estimator needs
     bm = GridBrownian(ts.contiguous(), dW)
     dt = float((ts[1:] - ts[:-1]).min())
     ys = torchsde.sdeint_adjoint(sde, x0.detach(), ts[[0, -1]], bm=bm, dt=dt, method=method,

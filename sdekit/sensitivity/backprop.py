@@ -8,8 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..simulate import simulate
-from .schemes import Field, check_inputs
+from ..solvers import Field, check_inputs, simulate
 
 __all__ = ["jacobian", "path_gradients", "mean_gradient"]
 

@@ -17,9 +17,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import adjoint, backprop, finite_diff, score_function
+from ..solvers import STRONG_ORDER, brownian_increments
 from .forward import forward
 from .problems import Problem
-from .schemes import STRONG_ORDER, brownian_increments
 
 __all__ = ["METHODS", "run", "strong_errors", "measure"]
 
@@ -85,7 +85,7 @@ def run(problem: Problem, paths: int = 10000, steps: int = 200, scheme: str = "e
         "backprop": ((lambda: backprop.path_gradients(f, g, x0, theta, ts, dW, loss, scheme)), "per-path"),
         "adjoint": ((lambda: _batch_means(lambda a, w: adjoint.mean_gradient(f, g, a, theta, ts, w, loss), x0, dW, groups),
                      "batch-means") if forward_time and scheme == "euler" else "needs increasing ts and scheme=euler"),
-        "diffrax": ((lambda: _jax(problem, x0, theta, ts, dW, scheme)), "per-path") if problem.xp_fields is not None and scheme != "heun"
+        "diffrax": ((lambda: _diffrax(problem, x0, theta, ts, dW, scheme)), "per-path") if problem.xp_fields is not None and scheme != "heun"
         else "no JAX version of this problem's fields" if problem.xp_fields is None else "scheme=heun not wired",
         "fd_crn": ((lambda: finite_diff.path_gradients(f, g, x0, theta, ts, dW, loss, fd_h, scheme)), "per-path"),
         "fd_independent": ((lambda: finite_diff.path_gradients(f, g, x0, theta, ts, dW, loss, fd_h, scheme, crn=False,
@@ -123,9 +123,9 @@ def run(problem: Problem, paths: int = 10000, steps: int = 200, scheme: str = "e
     return out
 
 
-def _jax(problem: Problem, x0, theta, ts, dW, scheme):
-    from . import jax as sjax
-    return sjax.path_gradients(problem.xp_fields, x0, theta, ts, dW, problem.loss, scheme)
+def _diffrax(problem: Problem, x0, theta, ts, dW, scheme):
+    from ..interop.diffrax import path_gradients  # imports JAX, or names the [jax] extra
+    return path_gradients(problem.xp_fields, x0, theta, ts, dW, problem.loss, scheme)
 
 
 def strong_errors(problem: Problem, paths: int = 1000, finest: int = 1024, levels: int = 6, seed: int = 0,

@@ -12,8 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..simulate import simulate
-from .schemes import Field, brownian_increments
+from ..solvers import Field, brownian_increments, simulate
 
 __all__ = ["jacobian", "path_gradients"]
 

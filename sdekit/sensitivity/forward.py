@@ -4,7 +4,7 @@ Differentiating the SDE dX = f dt + g dW in theta gives the sensitivity equation
 
     dJ = (df/dx J + df/dtheta) dt + (dg/dx J + dg/dtheta) dW,    J_0 = dX_0/dtheta (zero by default).
 
-Here it is discretised by differentiating the scheme's own one-step map Phi(x, theta) (`schemes`, the
+Here it is discretised by differentiating the scheme's own one-step map Phi(x, theta) (`sdekit.solvers`, the
 map `sdekit.simulate` runs): J_{n+1} = dPhi/dx J_n + dPhi/dtheta. For Euler this is exactly Euler on
 the equation above; for Milstein and Heun it carries the derivatives of their extra terms (g dg/dx, the
 predictor) too, so J is, to round-off, what autograd through the same discrete solver returns.
@@ -12,7 +12,7 @@ predictor) too, so J is, to round-off, what autograd through the same discrete s
 Each step is one `torch.func.jvp` of Phi with the P tangent directions (the P columns of J, paired with
 the unit vectors of theta) vmapped as a batch dimension, so f and g run once per step on the primal and
 once, batched, on the tangents. That vmapped JVP is traced once into straight-line aten code
-(`tracing`: zero tangents made real, products fused into sums, theta-only ops hoisted out of the loop)
+(`sdekit.solvers._tracing`: zero tangents made real, products fused into sums, theta-only ops hoisted out of the loop)
 and the loop runs that code N times. Nothing is taped; with save="end" memory does not grow with N.
 
 Why this design: measured against native dual numbers (torch.autograd.forward_ad, one pass of f and g
@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schemes import Field, check_inputs, per_step, step_map
-from .tracing import cached_trace, field_state
+from ..solvers import Field, check_inputs, per_step, step_map
+from ..solvers._tracing import cached_trace, field_state
 
 __all__ = ["forward"]
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .schemes import Field, check_inputs
+from ..solvers import Field, check_inputs
 
 __all__ = ["path_gradients", "drift_only_parameters"]
 

@@ -1,53 +1,42 @@
-"""The primal SDE solver: runs a scheme's one-step map (`sdekit.sensitivity.schemes`) along a time grid.
+"""The primal SDE solver: runs a scheme's one-step map (`schemes`) along a time grid.
 
 One solver for every use. Diagonal noise, f(t, x, theta) and g(t, x, theta) both (B, d).
   - When a gradient is needed (x0 or theta requires grad under autograd, or a torch.func transform is
     active) it runs the step map eagerly and out of place, so backprop and finite differences
     differentiate exactly the map below.
-  - Otherwise it runs the same map traced once into straight-line aten code (`sensitivity.tracing`:
+  - Otherwise it runs the same map traced once into straight-line aten code (`_tracing`:
     f and g inlined, products fused into the sums that consume them, theta-only ops hoisted out of the
     loop); on small tensors a step costs the ops it launches, so this is the fast path. The path is
     preallocated and each step is copied into its slot.
   - Brownian increments, when not given, are drawn as standard normals in chunks of steps sized to stay
-    in cache, scaled by sqrt(|h|) once per chunk.
+    in cache (`brownian.normal_chunks`), scaled by sqrt(|h|) once per chunk.
 `compile=True` (or a torch.compile mode such as "reduce-overhead", CUDA graphs on GPU) instead compiles
 the step map with torch.compile, which fuses a step's elementwise work into a few kernels; it pays off for
 network drifts on large batches and for cheap fields on GPU, after a one-off compile of tens of seconds.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from .sensitivity.schemes import Field, check_inputs, per_step, step_map
-from .sensitivity.tracing import cached_trace, field_state
+from ._tracing import cached_trace, field_state
+from .brownian import normal_chunks
+from .schemes import Field, check_inputs, step_map
 
-__all__ = ["simulate", "normal_chunks", "chunk_steps"]
-
-_CHUNK_ELEMENTS = 1 << 18   # ~1 MiB of float32 normals per draw: large enough to amortise the call, small enough for L2
-
-
-def chunk_steps(shape: tuple[int, ...]) -> int:
-    """How many steps of normals of `shape` (B, d) one draw covers."""
-    return max(1, _CHUNK_ELEMENTS // max(1, math.prod(shape)))
+__all__ = ["simulate", "per_step"]
 
 
-def normal_chunks(steps: int, shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype,
-                  device: torch.device | str) -> Iterator[Tensor]:
-    """Standard normals for `steps` steps, yielded as (c, *shape) chunks of `chunk_steps(shape)` steps.
+def per_step(*seqs: Tensor, block: int = 256) -> Iterator[tuple[Tensor, ...]]:
+    """(seqs[0][n], seqs[1][n], ...) for each step n, the sequences aligned on their first axis (zip's length).
 
-    This chunking is part of the definition of `simulate(dW=None)`: dW[n] = sqrt(|h_n|) z[n] where z is
-    the concatenation of these chunks, so a seed gives the same path on every call.
+    The per-step views are made `block` steps at a time: made all at once they cost ~0.7 kB per step, so a
+    solve keeping only its end state would hold memory growing with N.
     """
-    c = chunk_steps(shape)
-    gen_device = generator.device if generator is not None else torch.device(device)
-    for start in range(0, steps, c):
-        n = min(c, steps - start)
-        z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=gen_device)
-        yield z.to(device, non_blocking=True)
+    n = min(s.shape[0] for s in seqs)
+    for start in range(0, n, block):
+        yield from zip(*(s[start:start + block].unbind(0) for s in seqs))
 
 
 def _needs_grad(*tensors: Tensor) -> bool:

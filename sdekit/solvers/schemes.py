@@ -1,8 +1,8 @@
-"""One-step maps of the discrete schemes, and the input checks and increments their solvers share.
+"""One-step maps of the discrete schemes, and the input checks their solvers share.
 
 A scheme is a plain function `step(f, g, t, h, x, theta, dW) -> x_next` that is a differentiable
 function of (x, theta). These maps are the only definition of the schemes: the primal solver
-`sdekit.simulate.simulate` runs them (traced once into straight-line code when no gradient is needed),
+`sdekit.simulate` runs them (traced once into straight-line code when no gradient is needed),
 forward sensitivities are their Jacobian-vector products and backprop their vector-Jacobian products,
 so every method differentiates exactly the map the primal solver runs.
 
@@ -13,13 +13,13 @@ then those of the reverse-time motion, whose quadratic variation over a step is 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = ["euler_step", "milstein_step", "heun_step", "SCHEMES", "STRONG_ORDER", "SDE_SENSE", "step_map",
-           "check_inputs", "check_diagonal_noise", "brownian_increments", "per_step"]
+           "check_inputs", "check_diagonal_noise"]
 
 Field = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -140,20 +140,3 @@ def check_diagonal_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme:
             f"term is g_i dg_i/dx_i), but g_{i} changes with other components of x (sample {b} of x0). "
             "Use 'euler' or 'heun', which accept such a g.")
 
-
-def brownian_increments(ts: Tensor, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
-    """Independent increments sqrt(|dt_n|) z_n: (N, *shape) in ts's dtype."""
-    h = (ts[1:] - ts[:-1]).abs()
-    z = torch.randn((h.shape[0], *shape), generator=generator, dtype=ts.dtype, device=ts.device)
-    return z * h.sqrt().reshape(-1, *([1] * len(shape)))
-
-
-def per_step(*seqs: Tensor, block: int = 256) -> Iterator[tuple[Tensor, ...]]:
-    """(seqs[0][n], seqs[1][n], ...) for each step n, the sequences aligned on their first axis (zip's length).
-
-    The per-step views are made `block` steps at a time: made all at once they cost ~0.7 kB per step, so a
-    solve keeping only its end state would hold memory growing with N.
-    """
-    n = min(s.shape[0] for s in seqs)
-    for start in range(0, n, block):
-        yield from zip(*(s[start:start + block].unbind(0) for s in seqs))
