@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import sdekit
-from sdekit.backends import torchsde as tsde_backend
+from sdekit.interop import torchsde as tsde_backend
 from sdekit.samplers import sample
 from sdekit.samplers.grids import make_grid
 from sdekit.samplers.reverse_sde import euler_maruyama
 
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)   # float64 comparisons to round-off; affects only JAX users
-from sdekit.backends import diffrax as dfx_backend  # noqa: E402
+from sdekit.interop import diffrax as dfx_backend  # noqa: E402
 
 
 
