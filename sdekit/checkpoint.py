@@ -5,27 +5,113 @@ A checkpoint is a folder `step_00001234/` holding one `<group>.safetensors` per 
 tensor file). It is written into a temporary folder, every file fsynced, then renamed into place, so a
 kill at any moment leaves either the old set of checkpoints or the new one, never a half file.
 Loading never executes code: no pickle, only safetensors and JSON.
+
+`folder_lock` keeps two runs from writing into one folder: `<folder>/.lock` holds the owner's pid and host,
+and the owner holds an exclusive flock on it, which the kernel drops when the owner dies, so a lock left by a
+killed run is taken over by the next one.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+__all__ = ["CheckpointError", "FolderInUseError", "folder_lock", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "prune_checkpoints", "optimizer_to_tensors", "optimizer_from_tensors", "atomic_write_text"]
 
 STATE_FILE = "state.json"
 PREFIX = "step_"
+LOCK_FILE = ".lock"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or does not fit the model it is loaded into."""
+
+
+class FolderInUseError(CheckpointError):
+    """Another live run holds the output folder's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, owned by another user
+        return True
+    return True
+
+
+def _owner(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _in_use(folder: Path, path: Path, owner: dict) -> FolderInUseError:
+    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}" if owner else "a process that has not written its pid yet"
+    return FolderInUseError(f"output folder {folder} is in use by another run ({who}; lock file {path}). Two runs writing "
+                            "into one folder overwrite each other's checkpoints and logs: wait for that run, stop it, or "
+                            "choose another output folder")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold `<folder>/.lock` (the folder is created) while the block runs; raise FolderInUseError naming the
+    folder and the owner's pid if another live process holds it. A lock file left by a dead process is taken over.
+
+    The lock is an exclusive flock on the file (dropped by the kernel when its owner dies); the file records the
+    owner's pid and host for the message. Where the file system has no flock, a lock file whose pid is alive
+    on this host (or that names another host) counts as held.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            os.close(fd)
+            raise _in_use(folder, path, _owner(path)) from None
+        except (OSError, ImportError) as e:   # no flock here (ENOLCK, EOPNOTSUPP, no fcntl): judge the recorded pid
+            if isinstance(e, OSError) and e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            owner = _owner(path)
+            if owner and owner.get("pid") != me["pid"] and (owner.get("host") != me["host"] or _pid_alive(int(owner["pid"]))):
+                os.close(fd)
+                raise _in_use(folder, path, owner) from None
+        # the file may have been removed and re-created by its previous owner meanwhile: lock the one at `path`
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
+        os.fsync(fd)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()   # while still holding the lock, so no one locks a file about to vanish
+        os.close(fd)
 
 
 def _sha256(path: Path) -> str:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import CheckpointError, atomic_write_text
+from .checkpoint import CheckpointError, FolderInUseError, atomic_write_text
 from .config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from .data import EXACT_MIXTURES, load_dataset
 from .image_metrics import class_grid_layout, save_image_grid
@@ -86,10 +86,11 @@ def _device_of(score_fn) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def gather_batches(local: Tensor, cfg: Config, world: int) -> Tensor:
-    """Reassemble batches drawn round-robin by `world` processes into batch order (call on every process)."""
+def gather_batches(local: Tensor, cfg: Config, world: int, return_shares: bool = False):
+    """Reassemble batches drawn round-robin by `world` processes into batch order (call on every process).
+    With return_shares, also the number of samples each process drew (a list, by rank)."""
     if world == 1:
-        return local
+        return (local, [local.shape[0]]) if return_shares else local
     import torch.distributed as dist
 
     parts: list = [None] * world
@@ -97,7 +98,8 @@ def gather_batches(local: Tensor, cfg: Config, world: int) -> Tensor:
     bs = cfg.sample.batch_size
     n_batches = -(-cfg.sample.n_samples // bs)
     chunks = {r: list(torch.split(parts[r], bs)) for r in range(world)}
-    return torch.cat([chunks[b % world][b // world] for b in range(n_batches)])
+    out = torch.cat([chunks[b % world][b // world] for b in range(n_batches)])
+    return (out, [p.shape[0] for p in parts]) if return_shares else out
 
 
 def evaluate_toy(samples: Tensor, cfg: Config) -> dict:
@@ -156,10 +158,12 @@ def plot_toy(samples: Tensor, cfg: Config, path: Path, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .training import load_trained
+    from .training import check_launch, exclusive_folder, launch_kwargs, load_trained
 
     p = argparse.ArgumentParser(prog="sdekit sample", description="Sample a trained run and evaluate the samples.")
-    p.add_argument("--run", required=True, help="run folder (its newest valid checkpoint) or a checkpoint folder")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder (its newest valid checkpoint) or a checkpoint folder (under torchrun write --run-dir: "
+                        "torchrun's own parser reads --run as an abbreviation of its --run-path)")
     p.add_argument("--out", help="output folder (default: <run>/samples)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compare", default="", help="image data: also a grid per sampler:steps, e.g. heun:10,heun:25,dpmpp_2m:10")
@@ -182,24 +186,35 @@ def main(argv: list[str] | None = None) -> int:
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    state = PartialState()  # one process, or one of several under `accelerate launch` / torchrun
+    state = PartialState(**launch_kwargs())  # one process, or one of several under `accelerate launch` / torchrun (gloo on CPU)
     denoiser = denoiser.to(state.device)
     out = Path(args.out) if args.out else Path(args.run) / "samples"
     data_shape = tuple(json.loads((ckpt / "state.json").read_text())["data_shape"])
     compare = _parse_compare(args.compare)
     labels = sample_labels(denoiser, cfg.sample.n_samples)
     try:
+        check_launch(state.num_processes)
+        with exclusive_folder(out, state.is_main_process, state.num_processes, state.device):   # one sampler per folder
+            return _sample_into(out, args, state, denoiser, cfg, ckpt, data_shape, compare, labels)
+    except (FolderInUseError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _sample_into(out: Path, args, state, denoiser, cfg: Config, ckpt: Path, data_shape: tuple[int, ...], compare, labels) -> int:
+    """Draw this process's share, gather, and (main process) score and write everything into `out`."""
+    try:
         local, timing = draw_samples(denoiser, denoiser.sde, cfg, data_shape, progress=not args.no_progress and state.is_main_process,
                                      rank=state.process_index, world=state.num_processes, labels=labels)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    samples = gather_batches(local, cfg, state.num_processes)
+    samples, shares = gather_batches(local, cfg, state.num_processes, return_shares=True)
     if not state.is_main_process:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": samples.contiguous()}, str(out / "samples.safetensors"))
-    metrics = {"checkpoint": str(ckpt), "sampler": cfg.sample.sampler, **timing}
+    metrics = {"checkpoint": str(ckpt), "sampler": cfg.sample.sampler, **timing, "samples_per_process": shares}
     if len(data_shape) == 1 and data_shape[0] == 2:
         metrics.update(evaluate_toy(samples, cfg))
         plot_toy(samples, cfg, out / "samples.png", title=f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}")

@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
+from .checkpoint import (CheckpointError, FolderInUseError, atomic_write_text, folder_lock, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, prune_checkpoints, save_checkpoint)
 from .config import Config, ConfigError, ModelConfig, SDEConfig, from_dict, load_config, to_dict
 from .data import load_training_data
@@ -34,7 +35,7 @@ from .losses import dsm_loss, sample_t
 from .precond import Denoiser
 from .sde import SDE, make_sde
 
-__all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator", "KeyedDropout", "EMA", "train",
+__all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator", "KeyedDropout", "EMA", "launch_kwargs", "check_launch", "exclusive_folder", "train",
            "load_trained", "resolve_checkpoint", "main"]
 
 
@@ -247,9 +248,54 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+# --- processes and output folders ----------------------------------------------------------------------
+def launch_kwargs() -> dict:
+    """Keyword arguments for accelerate's Accelerator / PartialState in this launch: cpu=True when several processes
+    were started (torchrun or `accelerate launch` set WORLD_SIZE) on a machine without a GPU-like device, or when
+    ACCELERATE_USE_CPU is set. accelerate joins CPU processes into one gloo group only when told cpu=True; without
+    it each of them runs alone, as one process."""
+    from accelerate.utils import parse_flag_from_env
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return {"cpu": parse_flag_from_env("ACCELERATE_USE_CPU") or (several and (device is None or device.type == "mps"))}
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse to run when the launcher started WORLD_SIZE processes but they did not join one group of that size:
+    they would each do all the work and write the same files."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise ConfigError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set up {num_processes}; "
+                           "on CPU launch with ACCELERATE_USE_CPU=1, or check the distributed backend")
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | Path, is_main: bool, num_processes: int, device=None):
+    """The main process holds `folder`'s lock (checkpoint.folder_lock) while the block runs; every process raises
+    FolderInUseError when it is taken, so that no process waits for a peer that stopped. Call on every process."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if is_main:
+            try:
+                stack.enter_context(folder_lock(folder))
+            except FolderInUseError as e:
+                error = e
+        if num_processes > 1:
+            import torch.distributed as dist
+            failed = torch.tensor([float(error is not None)], device=device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if error is None and failed.item() > 0:
+                error = FolderInUseError(f"output folder {folder} is in use by another run (the main process could not lock it)")
+        if error is not None:
+            raise error
+        yield
+
+
 # --- the loop ---------------------------------------------------------------------------------------
 def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progress: bool = True) -> dict:
-    """Train per `cfg`. Multi-process under `accelerate launch` or torchrun.
+    """Train per `cfg`. Multi-process under `accelerate launch` or torchrun (on CPU too: gloo). The output folder
+    train.out_dir is locked for the run: a second run into it raises FolderInUseError naming it.
 
     Returns {'run_dir', 'step', 'checkpoint' (final, or None on non-main processes), 'loss' (last logged),
     'model' (this process's trained network), 'ema' (EMA weights as a state dict)}.
@@ -259,9 +305,13 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision)
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=tc.mixed_precision, **launch_kwargs())
+        check_launch(accelerator.num_processes)
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):   # the loop seeds the global RNG per step; the caller's state comes back
+    # One run per output folder; the loop seeds the global RNG per step, and the caller's state comes back after.
+    with exclusive_folder(tc.out_dir, accelerator.is_main_process, accelerator.num_processes, accelerator.device), \
+            torch.random.fork_rng(devices=cuda):
         return _train(cfg, resume, accelerator, progress)
 
 

@@ -1,4 +1,5 @@
 """Multi-process training and sampling with real processes (gloo on CPU), and kill-and-resume."""
+import json
 import os
 import signal
 import subprocess
@@ -20,9 +21,16 @@ def _env():
     return dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def _launch(n_proc: int, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _launch(n_proc: int, script: str, *args: str, timeout: int = 300, launcher: str = "accelerate") -> subprocess.CompletedProcess:
     if n_proc == 1:
         cmd = [sys.executable, script, *args]
+    elif launcher == "torchrun":   # no ACCELERATE_USE_CPU: torchrun alone must give one process group on CPU
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_proc), script, *args]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.pop("ACCELERATE_USE_CPU", None)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_proc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
@@ -78,11 +86,31 @@ def test_distributed_sampling_equals_single_process(tmp_path):
     args = ["--run", str(run), "--no-progress", "sample.n_samples=300", "sample.batch_size=64",
             "sample.sampler=euler_maruyama", "sample.steps=20"]
     _launch(2, str(ROOT / "sample.py"), *args, "--out", str(tmp_path / "two"))
+    _launch(2, str(ROOT / "sample.py"), "--run-dir", *args[1:], "--out", str(tmp_path / "torchrun"), launcher="torchrun")
     _launch(1, str(ROOT / "sample.py"), *args, "--out", str(tmp_path / "one"))
-    two = load_file(str(tmp_path / "two/samples.safetensors"))["samples"]
     one = load_file(str(tmp_path / "one/samples.safetensors"))["samples"]
-    assert two.shape == (300, 2)
-    torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
+    assert one.shape == (300, 2)
+    for launched in ("two", "torchrun"):
+        # 2 processes really ran, each drew only its batches (0, 2, 4 and 1, 3 of 64), and the gathered set is one process's
+        metrics = json.loads((tmp_path / launched / "metrics.json").read_text())
+        assert metrics["processes"] == 2 and metrics["samples_per_process"] == [64 + 64 + 44, 64 + 64], metrics
+        torch.testing.assert_close(load_file(str(tmp_path / launched / "samples.safetensors"))["samples"], one, rtol=1e-6, atol=1e-6)
+
+
+def test_torchrun_on_cpu_trains_one_run_with_two_processes(tmp_path):
+    """torchrun --nproc_per_node 2 on a machine without a GPU: one gloo group (world size 2), equal to one process
+    with the same global batch, not two independent runs writing into one folder."""
+    steps = ["train.steps=10", "train.batch_size=64", "train.ckpt_every=5"]
+    _launch(2, WORKER, str(tmp_path / "two"), *SMALL, *steps, launcher="torchrun")
+    _launch(1, WORKER, str(tmp_path / "one"), *SMALL, *steps)
+    r0, r1 = load_file(str(tmp_path / "two/rank0.safetensors")), load_file(str(tmp_path / "two/rank1.safetensors"))
+    one = load_file(str(tmp_path / "one/rank0.safetensors"))
+    assert load_checkpoint(tmp_path / "two/checkpoints/step_00000010")[1]["world_size"] == 2
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], one[k], rtol=1e-5, atol=1e-6)
+    log = (tmp_path / "two/log.jsonl").read_text().splitlines()
+    assert len(log) == 2, log   # one writer: steps 5 and 10 logged once each
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):

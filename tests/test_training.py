@@ -1,5 +1,6 @@
 """Training end to end on a toy mixture, checkpoints, and exact resume."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,71 @@ def test_keyed_dropout_masks_are_the_global_batch_sliced():
     assert torch.equal(net(x), x)
     keyed.remove()
     assert "forward" not in net[0].__dict__
+
+
+def _lock_holder(folder):
+    """Another live process holding `folder`'s lock (as a running training or sampling run does)."""
+    import subprocess
+    import sys
+    code = ("import sys, time\nfrom sdekit.checkpoint import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+            "    print('locked', flush=True)\n    time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_two_runs_into_one_folder_are_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    from sdekit import sampling_cli
+    from sdekit.training import main as train_main
+    run = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs/ring.yaml"), "--no-progress", f"train.out_dir={run}", "model.options.hidden=16",
+            "train.steps=2", "train.batch_size=16", "train.ckpt_every=2"]
+    holder = _lock_holder(run)
+    try:
+        assert train_main(args) == 2
+        err = capsys.readouterr().err
+        assert f"output folder {run} is in use" in err and f"pid {holder.pid}" in err, err
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]          # nothing written into the folder
+    finally:
+        holder.kill()                                                      # SIGKILL: the lock file stays behind
+        holder.wait()
+        holder.stdout.close()
+    assert json.loads((run / ".lock").read_text())["pid"] == holder.pid
+    assert train_main(args) == 0                                           # a dead owner's lock is taken over
+    assert not (run / ".lock").exists() and list_checkpoints(run)
+    # sampling into a folder another sampler holds is refused the same way
+    holder = _lock_holder(tmp_path / "samples")
+    try:
+        assert sampling_cli.main(["--run", str(run), "--no-progress", "--out", str(tmp_path / "samples"),
+                                  "sample.n_samples=10", "sample.batch_size=10", "sample.steps=2"]) == 2
+        assert f"output folder {tmp_path / 'samples'} is in use" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_folder_lock_without_flock_judges_the_recorded_pid(tmp_path, monkeypatch):
+    """On a file system without flock the lock file's pid decides: alive on this host = held, dead = taken over."""
+    import errno
+    import fcntl
+    import socket
+    import subprocess
+    import sys
+    from sdekit.checkpoint import FolderInUseError, folder_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
+        with pytest.raises(FolderInUseError, match=f"pid {alive.pid}"):
+            with folder_lock(tmp_path):
+                pass
+    finally:
+        alive.kill()
+        alive.wait()
+    with folder_lock(tmp_path) as path:                                    # its owner is dead now
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock").exists()

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import adjoint, backprop, finite_diff, score_function
-from ..solvers import STRONG_ORDER, brownian_increments
+from ..solvers import SCHEMES, brownian_increments
 from .forward import forward
 from .problems import Problem
 
@@ -151,7 +151,7 @@ def strong_errors(problem: Problem, paths: int = 1000, finest: int = 1024, level
             _, J = forward(problem.drift(scheme), problem.g, x0, problem.theta, problem.ts(n), dW, scheme, save="end")
             errs.append(float((J - J_exact).abs().mean()))
         slope = _slope(out["h"], errs)
-        out[scheme] = {"errors": errs, "slope": slope, "order": STRONG_ORDER[scheme]}
+        out[scheme] = {"errors": errs, "slope": slope, "order": SCHEMES[scheme].strong_order}
     return out
 
 

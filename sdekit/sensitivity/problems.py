@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..data import GaussianMixture
 from ..sde import VPSDE
+from ..solvers import get_scheme
 
 __all__ = ["Problem", "PROBLEMS", "make_problem"]
 
@@ -42,7 +43,7 @@ class Problem:
     t1: float
     x0_fn: Callable[[int, torch.Generator | None], Tensor]
     loss: Callable[[Tensor], Tensor]
-    f_strat: Callable | None = None  # Stratonovich drift f - g dg/dx / 2 (for the Heun scheme)
+    f_strat: Callable | None = None  # Stratonovich drift f - g dg/dx / 2 (for Stratonovich schemes: Heun)
     exact_grad: Callable[[Tensor], Tensor] | None = None        # theta -> dE[L(X_T)]/dtheta (P,)
     exact_J: Callable[..., Tensor] | None = None               # (x0, theta, T, W_T) -> (X_T, dX_T/dtheta (B, d, P))
     drift_params: tuple[int, ...] = ()                          # parameters that enter f only (score function)
@@ -61,8 +62,10 @@ class Problem:
         return self.x0_fn(B, generator)
 
     def drift(self, scheme: str) -> Callable:
-        """The drift a scheme needs: Ito f for euler/milstein, the Stratonovich drift for heun."""
-        return self.f_strat if scheme == "heun" and self.f_strat is not None else self.f
+        """The drift a scheme needs: Ito f for an Ito scheme (euler, milstein), the Stratonovich drift for a
+        Stratonovich scheme (heun), as the registry declares it."""
+        stratonovich = get_scheme(scheme).sde_type == "stratonovich"
+        return self.f_strat if stratonovich and self.f_strat is not None else self.f
 
 
 def _torch_fields(xp_fields):

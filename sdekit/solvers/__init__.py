@@ -8,10 +8,10 @@ _tracing    traces a step once into straight-line aten code (a detail of `simula
 """
 from .brownian import brownian_increments, chunk_steps, normal_chunks
 from .dopri import dopri5
-from .schemes import (SCHEMES, SDE_SENSE, STRONG_ORDER, Field, check_diagonal_noise, check_inputs, euler_step,
-                      heun_step, milstein_step, step_map)
+from .schemes import (SCHEMES, STRONG_ORDER, Field, Scheme, check_diagonal_noise, check_inputs, euler_step,
+                      get_scheme, heun_step, milstein_step, step_map)
 from .simulation import per_step, simulate
 
-__all__ = ["simulate", "SCHEMES", "STRONG_ORDER", "SDE_SENSE", "Field", "step_map", "euler_step", "milstein_step",
+__all__ = ["simulate", "SCHEMES", "Scheme", "STRONG_ORDER", "Field", "get_scheme", "step_map", "euler_step", "milstein_step",
            "heun_step", "check_inputs", "check_diagonal_noise", "brownian_increments", "normal_chunks", "chunk_steps",
            "per_step", "dopri5"]

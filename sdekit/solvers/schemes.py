@@ -1,7 +1,9 @@
-"""One-step maps of the discrete schemes, and the input checks their solvers share.
+"""One-step maps of the discrete schemes, their registry, and the input checks their solvers share.
 
-A scheme is a plain function `step(f, g, t, h, x, theta, dW) -> x_next` that is a differentiable
-function of (x, theta). These maps are the only definition of the schemes: the primal solver
+A scheme's step is a plain function `step(f, g, t, h, x, theta, dW) -> x_next` that is a differentiable
+function of (x, theta); `SCHEMES` registers each under its name with the calculus it solves in
+(`sde_type`: Euler-Maruyama and Milstein converge to the Ito solution, stochastic Heun to the
+Stratonovich one) and its strong order. These maps are the only definition of the schemes: the primal solver
 `sdekit.simulate` runs them (traced once into straight-line code when no gradient is needed),
 forward sensitivities are their Jacobian-vector products and backprop their vector-Jacobian products,
 so every method differentiates exactly the map the primal solver runs.
@@ -13,12 +15,13 @@ then those of the reverse-time motion, whose quadratic variation over a step is 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["euler_step", "milstein_step", "heun_step", "SCHEMES", "STRONG_ORDER", "SDE_SENSE", "step_map",
+__all__ = ["euler_step", "milstein_step", "heun_step", "Scheme", "SCHEMES", "STRONG_ORDER", "get_scheme", "step_map",
            "check_inputs", "check_diagonal_noise"]
 
 Field = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -58,26 +61,50 @@ def heun_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor
     return x + 0.5 * (f0 + f(t1, x_pred, theta)) * h + 0.5 * (g0 + g(t1, x_pred, theta)) * dW
 
 
-SCHEMES: dict[str, Callable[..., Tensor]] = {"euler": euler_step, "milstein": milstein_step, "heun": heun_step}
-STRONG_ORDER = {"euler": 0.5, "milstein": 1.0, "heun": 1.0}     # heun: 1 for commutative (e.g. diagonal) noise
-SDE_SENSE = {"euler": "ito", "milstein": "ito", "heun": "stratonovich"}
+@dataclass(frozen=True)
+class Scheme:
+    """A registered scheme: its one-step map and what it converges to (calling the scheme calls its step).
+
+    sde_type: "ito" or "stratonovich", the solution the scheme converges to (a Stratonovich scheme solves
+    an Ito SDE when given the Stratonovich drift f - 1/2 g dg/dx). strong_order: the rate of
+    E|X_T - X(T)| in the step size for diagonal noise, the noise these steps take.
+    """
+
+    step: Callable[..., Tensor]
+    sde_type: str
+    strong_order: float
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return self.step(*args, **kwargs)
+
+
+SCHEMES: dict[str, Scheme] = {
+    "euler": Scheme(euler_step, "ito", 0.5),
+    "milstein": Scheme(milstein_step, "ito", 1.0),
+    "heun": Scheme(heun_step, "stratonovich", 1.0),     # order 1 for commutative (e.g. diagonal) noise
+}
+STRONG_ORDER = {name: s.strong_order for name, s in SCHEMES.items()}   # a view of SCHEMES
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme called `name`; ValueError naming the registered ones otherwise."""
+    if name not in SCHEMES:
+        raise ValueError(f"unknown scheme {name!r}; expected one of {sorted(SCHEMES)}")
+    return SCHEMES[name]
 
 
 def step_map(scheme: str, f: Field, g: Field, dg: Field | None = None) -> Callable[..., Tensor]:
     """The scheme's map with the fields bound: (t, h, x, dW, theta) -> x_next (theta last, as solvers hold it fixed)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; expected one of {sorted(SCHEMES)}")
+    step = get_scheme(scheme).step
     if scheme == "milstein" and dg is not None:
         return lambda t, h, x, dw, th: milstein_step(f, g, t, h, x, th, dw, dg)
-    step = SCHEMES[scheme]
     return lambda t, h, x, dw, th: step(f, g, t, h, x, th, dw)
 
 
 def check_inputs(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor | None, scheme: str,
                  save: str = "end") -> None:
     """Raise early, naming the bad input, unless the shapes fit x0 (B, d), theta (P,), ts (N+1,), dW (N, B, d) (or None)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; expected one of {sorted(SCHEMES)}")
+    get_scheme(scheme)
     if save not in ("path", "end"):
         raise ValueError(f"unknown save {save!r}; expected 'path' or 'end'")
     for name, v in (("x0", x0), ("theta", theta), ("ts", ts), ("dW", dW)):
