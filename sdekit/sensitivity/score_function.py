@@ -1,4 +1,5 @@
-"""Score-function (likelihood-ratio) estimator for drift parameters, via Girsanov on the Euler chain.
+"""Score-function (likelihood-ratio) estimator for drift parameters, via Girsanov on the Euler chain
+(the registry's "euler" step, `sdekit.solvers`).
 
 Under Euler-Maruyama, X_{n+1} | X_n ~ N(X_n + f h, g^2 |h|) componentwise, so the path's log-density
 has theta-derivative  S = sum_n sign(h_n) sum_i (df_i/dtheta)(t_n, X_n) dW_{n,i} / g_i(t_n, X_n)
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..solvers import Field, check_inputs
+from ..solvers import Field, check_inputs, get_scheme
 
 __all__ = ["path_gradients", "drift_only_parameters"]
 
@@ -35,6 +36,7 @@ def path_gradients(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW
     baseline=True subtracts the batch mean of L first (a control variate; still unbiased up to O(1/B)).
     """
     check_inputs(f, g, x0, theta, ts, dW, "euler")
+    euler = get_scheme("euler").step
     P = theta.shape[0]
     drift_only = drift_only_parameters(g, x0, theta, ts)
     dirs = torch.eye(P, dtype=theta.dtype)
@@ -43,11 +45,9 @@ def path_gradients(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW
     theta = theta.detach()
     for n in range(h.shape[0]):
         t = ts[n]
-        fx, dfdth = torch.func.vmap(lambda v: torch.func.jvp(lambda th: f(t, x, th), (theta,), (v,)),
-                                    out_dims=(None, 0))(dirs)                   # (B, d), (P, B, d)
-        gx = g(t, x, theta)
-        score = score + torch.sign(h[n]) * (dfdth * (dW[n] / gx)).sum(-1).T
-        x = x + fx * h[n] + gx * dW[n]
+        dfdth = torch.func.vmap(lambda v: torch.func.jvp(lambda th: f(t, x, th), (theta,), (v,))[1])(dirs)  # (P, B, d)
+        score = score + torch.sign(h[n]) * (dfdth * (dW[n] / g(t, x, theta))).sum(-1).T
+        x = euler(f, g, t, h[n], x, theta, dW[n])
     L = loss(x)
     if baseline:
         L = L - L.mean()
