@@ -3,10 +3,10 @@ PIP := $(PY) -m pip
 
 .PHONY: demo test test-slow bench clean
 
-.venv/installed: pyproject.toml constraints.txt
+.venv/installed: pyproject.toml setup.py constraints.txt
 	test -d .venv || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[all,test]'
 	touch .venv/installed
 
 demo: .venv/installed

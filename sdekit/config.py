@@ -52,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    target: str = "models.mlp:MLP"       # `module:Class`, built as Class(dim, **options)
+    target: str = "sdekit_models.mlp:MLP"   # `module:Class`, built as Class(dim, **options)
     prediction: str = "eps"              # eps | x0 | v | score | edm
     sigma_data: float | None = None      # null: sde.sigma_data for EDM (0.5 unless set there), else 1.0; see resolve_sigma_data
     label_dropout: float = 0.1           # class-conditional nets: share of labels replaced by the null class

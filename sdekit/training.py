@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._imports import import_target
 from .checkpoint import (CheckpointError, FolderInUseError, atomic_write_text, folder_lock, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, prune_checkpoints, save_checkpoint)
 from .config import Config, ConfigError, ModelConfig, SDEConfig, from_dict, load_config, to_dict
@@ -54,10 +55,9 @@ def build_sde(cfg: SDEConfig) -> SDE:
 
 
 def build_network(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
-    """Import `module:Class` from cfg.target and build Class(data_shape, **cfg.options)."""
-    module_name, _, class_name = cfg.target.partition(":")
+    """Import `module:Class` from cfg.target (see `sdekit._imports.import_target`) and build Class(data_shape, **cfg.options)."""
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = import_target(cfg.target)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"model.target {cfg.target!r} cannot be imported: {e}") from None
     params = inspect.signature(cls).parameters

@@ -54,7 +54,7 @@ def test_sde_and_model_options_are_checked():
     cfg = load_config(ROOT / "configs/ring.yaml", ["model.options.widht=3"])
     with pytest.raises(ConfigError, match="model.options.widht"):
         build_network(cfg.model, (2,))
-    cfg = load_config(ROOT / "configs/ring.yaml", ["model.target=models.nothere:Net"])
+    cfg = load_config(ROOT / "configs/ring.yaml", ["model.target=sdekit_models.nothere:Net"])
     with pytest.raises(ConfigError, match="cannot be imported"):
         build_network(cfg.model, (2,))
 

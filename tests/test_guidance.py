@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sdekit
-from models.unet import UNet
+from sdekit_models.unet import UNet
 from sdekit.guidance import guided_score
 from sdekit.precond import Denoiser
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.unet import UNet
+from sdekit_models.unet import UNet
 
 
 
