@@ -1,20 +1,26 @@
-"""torchsde and diffrax backends agree with sdekit's native solvers; the JAX export of a trained MLP equals torch."""
+"""The torchsde and diffrax adapters agree with sdekit's native solvers; the JAX evaluation of every SDE's closed
+forms, the exact mixture score and the export of a trained MLP equal torch; the replay of given increments is exact."""
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import sdekit
-from sdekit.interop import torchsde as tsde_backend
+from sdekit.precond import PREDICTIONS
 from sdekit.samplers import sample
 from sdekit.samplers.grids import make_grid
 from sdekit.samplers.reverse_sde import euler_maruyama
 
+pytest.importorskip("torchsde")
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)   # float64 comparisons to round-off; affects only JAX users
-from sdekit.interop import diffrax as dfx_backend  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
+from sdekit.interop import diffrax as dfx_interop  # noqa: E402
+from sdekit.interop import torchsde as tsde_interop  # noqa: E402
 
 
 def mixture() -> sdekit.GaussianMixture:
@@ -40,7 +46,7 @@ def test_torchsde_euler_equals_native_em(sde):
     x_T, noise = increments(30)
     x_T = x_T * sde.prior_std
     native = euler_maruyama(gmm.score_fn(sde), sde, x_T, ts, noise=noise)
-    other = tsde_backend.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="euler", noise=noise)
+    other = tsde_interop.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="euler", noise=noise)
     assert torch.allclose(native, other, rtol=1e-12, atol=1e-12 * sde.prior_std)
 
 
@@ -52,7 +58,7 @@ def test_torchsde_stratonovich_heun_agrees_for_additive_noise():
         ts = make_grid("uniform", sde, n, dtype=torch.float64)
         x_T, noise = increments(n, seed=1)
         em = euler_maruyama(gmm.score_fn(sde), sde, x_T, ts, noise=noise)
-        heun = tsde_backend.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="heun", noise=noise)
+        heun = tsde_interop.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="heun", noise=noise)
         errs.append(float((em - heun).abs().mean()))
     assert errs[1] < errs[0] < 0.2
 
@@ -63,7 +69,7 @@ def test_torchsde_reproduces_mixture_with_its_own_brownian_motion():
     n = 2000
     x_T = sde.prior_sample((n, 2), generator=torch.Generator().manual_seed(2))
     ts = make_grid("uniform", sde, 100)
-    x = tsde_backend.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="srk", generator=torch.Generator().manual_seed(3))
+    x = tsde_interop.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="srk", generator=torch.Generator().manual_seed(3))
     frac = torch.bincount(gmm.responsibilities(x).argmax(1), minlength=3).double() / n
     w = gmm.weights.double()
     assert ((frac - w).abs() <= 4.5 * (w * (1 - w) / n).sqrt()).all(), frac
@@ -74,28 +80,51 @@ def test_torchsde_bad_arguments():
     ts = make_grid("uniform", sde, 5, dtype=torch.float64)
     x_T, noise = increments(5)
     with pytest.raises(ValueError, match="unknown torchsde method"):
-        tsde_backend.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="rk4")
+        tsde_interop.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="rk4")
     with pytest.raises(ValueError, match="noise must have shape"):
-        tsde_backend.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, noise=noise[:4])
+        tsde_interop.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, noise=noise[:4])
     with pytest.raises(ValueError, match="Levy area"):
-        tsde_backend.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="srk", noise=noise)
+        tsde_interop.reverse_sde(gmm.score_fn(sde), sde, x_T, ts, method="srk", noise=noise)
 
 
 # --- diffrax ---------------------------------------------------------------------------------------------------
-def test_jax_schedules_and_mixture_score_equal_torch():
+@pytest.mark.parametrize("sde", ALL_SDES, ids=lambda s: repr(s).partition("(")[0] + getattr(s, "schedule", ""))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sde_closed_forms_in_jax_equal_torch(sde, dtype):
+    """One definition, two namespaces: every closed form of sdekit.sde evaluated with xp=jax.numpy equals torch,
+    over the whole time range and, for the log-SNR inverse, over log-SNR in [-40, 40] (the softplus threshold
+    and the SubVP branch point included)."""
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    t = torch.linspace(sde.t_min, sde.t_max, 257, dtype=dtype)
+    lam = torch.cat([torch.linspace(-40.0, 40.0, 801, dtype=dtype), torch.tensor([-20.0, 0.0, 20.0], dtype=dtype)])
+    jt, jlam = dfx_interop.to_jax(t), dfx_interop.to_jax(lam)
+    pairs = {"marginal": (sde.marginal(t), sde.marginal(jt, xp=jnp)),
+             "drift_coef": (sde.drift_coef(t), sde.drift_coef(jt, xp=jnp)),
+             "diffusion": (sde.diffusion(t), sde.diffusion(jt, xp=jnp)),
+             "log_snr": (sde.log_snr(t), sde.log_snr(jt, xp=jnp)),
+             "sigma_ratio": (sde.sigma_ratio(t), sde.sigma_ratio(jt, xp=jnp)),
+             "t_from_log_snr": (sde.t_from_log_snr(lam), sde.t_from_log_snr(jlam, xp=jnp))}
+    if hasattr(sde, "beta"):
+        pairs["beta"] = (sde.beta(t), sde.beta(jt, xp=jnp))
+    x = torch.randn(257, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    score = torch.randn(257, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    for pf in (False, True):
+        pairs[f"reverse_drift pf={pf}"] = (sde.reverse_drift(x, t, score, pf),
+                                           sde.reverse_drift(dfx_interop.to_jax(x), jt, dfx_interop.to_jax(score), pf, xp=jnp))
+    for name, (want, got) in pairs.items():
+        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        for w, g in zip(want, got):
+            assert np.asarray(g).dtype == w.numpy().dtype, name
+            # atol at the array's scale: the reverse drift f - g^2 score cancels where the two terms are close
+            np.testing.assert_allclose(np.asarray(g), w.numpy(), rtol=rtol, atol=rtol * float(w.abs().max()), err_msg=name)
+
+
+def test_jax_mixture_score_equals_torch():
     gmm = mixture()
     x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for sde in ALL_SDES:
-        coef = dfx_backend.sde_coefficients(sde)
-        t = torch.linspace(sde.t_min, sde.t_max, 9, dtype=torch.float64)
-        a, s = sde.marginal(t)
-        ja, js = coef["marginal"](dfx_backend.to_jax(t))
-        np.testing.assert_allclose(np.asarray(ja), a.numpy(), rtol=1e-12)
-        np.testing.assert_allclose(np.asarray(js), s.numpy(), rtol=1e-12)
-        np.testing.assert_allclose(np.asarray(coef["diffusion"](dfx_backend.to_jax(t))), sde.diffusion(t).numpy(), rtol=1e-12)
-        np.testing.assert_allclose(np.asarray(coef["drift_coef"](dfx_backend.to_jax(t))), sde.drift_coef(t).numpy(), rtol=1e-12)
         for tt in (sde.t_min, 0.3 * sde.t_max, sde.t_max):
-            js = dfx_backend.mixture_score(gmm, sde)(dfx_backend.to_jax(x * float(sde.marginal(torch.tensor(tt))[1] + 1)), tt)
+            js = dfx_interop.mixture_score(gmm, sde)(dfx_interop.to_jax(x * float(sde.marginal(torch.tensor(tt))[1] + 1)), tt)
             ts_ = gmm.score(x * float(sde.marginal(torch.tensor(tt))[1] + 1), torch.tensor(tt, dtype=torch.float64), sde)
             np.testing.assert_allclose(np.asarray(js), ts_.numpy(), rtol=1e-9, atol=1e-9)
 
@@ -108,7 +137,7 @@ def test_diffrax_euler_equals_native_em(sde):
     x_T, noise = increments(30, seed=4)
     x_T = x_T * sde.prior_std
     native = euler_maruyama(gmm.score_fn(sde), sde, x_T, ts, noise=noise)
-    other = dfx_backend.reverse_sde(dfx_backend.mixture_score(gmm, sde), sde, x_T, ts, noise=noise)
+    other = dfx_interop.reverse_sde(dfx_interop.mixture_score(gmm, sde), sde, x_T, ts, noise=noise)
     np.testing.assert_allclose(np.asarray(other), native.numpy(), rtol=1e-10, atol=1e-10 * sde.prior_std)
 
 
@@ -117,7 +146,7 @@ def test_diffrax_probability_flow_equals_rk45_reference():
     sde, gmm = sdekit.VPSDE(), mixture()
     x_T, _ = increments(1, seed=5)
     ref = sample(gmm.score_fn(sde), sde, (16, 2), "rk45", x_T=x_T, rtol=1e-10, atol=1e-10)
-    out, stats = dfx_backend.probability_flow(dfx_backend.mixture_score(gmm, sde), sde, x_T, rtol=1e-9, atol=1e-9,
+    out, stats = dfx_interop.probability_flow(dfx_interop.mixture_score(gmm, sde), sde, x_T, rtol=1e-9, atol=1e-9,
                                               return_stats=True)
     assert int(stats["num_accepted_steps"]) > 10
     np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=1e-6)
@@ -125,8 +154,8 @@ def test_diffrax_probability_flow_equals_rk45_reference():
 
 @pytest.fixture(scope="module")
 def trained():
-    """A models.mlp.MLP trained for 150 Adam steps of denoising score matching on the mixture."""
-    from models.mlp import MLP
+    """A sdekit_models.mlp.MLP trained for 150 Adam steps of denoising score matching on the mixture."""
+    from sdekit_models.mlp import MLP
     from sdekit.losses import dsm_loss
     from sdekit.precond import Denoiser
 
@@ -152,34 +181,40 @@ def test_exported_mlp_equals_torch(trained):
     den, sde = trained
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
     c = torch.linspace(-2.0, 1.5, 64)
-    params, apply = dfx_backend.export_mlp(den.net)
+    params, apply = dfx_interop.export_mlp(den.net)
     with torch.no_grad():
         want = den.net(x, c).numpy()
-    got = np.asarray(apply(params, dfx_backend.to_jax(x), dfx_backend.to_jax(c)))
+    got = np.asarray(apply(params, dfx_interop.to_jax(x), dfx_interop.to_jax(c)))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    score_jax = dfx_backend.export_denoiser(den)
+    score_jax = dfx_interop.export_denoiser(den)
     for t in (0.05, 0.3, 0.9):
         with torch.no_grad():
             want = den(x, torch.tensor(t)).numpy()
-        got = np.asarray(score_jax(dfx_backend.to_jax(x), np.float32(t)))
+        got = np.asarray(score_jax(dfx_interop.to_jax(x), np.float32(t)))
         np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.abs(want).max())), rtol=0)
 
 
-@pytest.mark.parametrize("prediction", ["x0", "v", "edm"])
-def test_exported_denoiser_every_prediction_type(prediction):
-    from models.mlp import MLP
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("sde", [sdekit.VPSDE(), sdekit.VESDE(sigma_max=5.0), sdekit.EDM(sigma_max=5.0)],
+                         ids=lambda s: type(s).__name__)
+def test_exported_denoiser_every_prediction_type(prediction, sde):
+    """Every prediction type sdekit.precond knows (a new one fails here until the export mirrors it), under SDEs
+    with and without signal decay, at small, middle and large noise."""
     from sdekit.precond import Denoiser
+    from sdekit_models.mlp import MLP
 
     torch.manual_seed(1)
     net = MLP(2, hidden=32, depth=2)
     torch.nn.init.normal_(net.out.weight, std=0.3)
-    den = Denoiser(net, sdekit.VPSDE(), prediction=prediction, sigma_data=0.7)
-    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = den(x, torch.tensor(0.4)).numpy()
-    got = np.asarray(dfx_backend.export_denoiser(den)(dfx_backend.to_jax(x), np.float32(0.4)))
-    np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.abs(want).max())), rtol=0)
+    den = Denoiser(net, sde, prediction=prediction, sigma_data=None if isinstance(sde, sdekit.EDM) else 0.7)
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(2)) * float(sde.prior_std)
+    export = dfx_interop.export_denoiser(den)
+    for t in (sde.t_min + 0.05 * (sde.t_max - sde.t_min), 0.4 * sde.t_max, sde.t_max):
+        with torch.no_grad():
+            want = den(x, torch.tensor(t)).numpy()
+        got = np.asarray(export(dfx_interop.to_jax(x), np.float32(t)))
+        np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.abs(want).max())), rtol=0)
 
 
 def test_diffrax_pf_ode_with_exported_mlp_matches_torch(trained):
@@ -192,7 +227,7 @@ def test_diffrax_pf_ode_with_exported_mlp_matches_torch(trained):
     x_T, _ = increments(1, seed=6)
     with torch.no_grad():
         ref = sample(den, sde, (16, 2), "rk45", x_T=x_T, rtol=1e-8, atol=1e-8)
-    out = dfx_backend.probability_flow(dfx_backend.export_denoiser(den), sde, x_T, rtol=1e-8, atol=1e-8)
+    out = dfx_interop.probability_flow(dfx_interop.export_denoiser(den), sde, x_T, rtol=1e-8, atol=1e-8)
     np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=1e-5)
 
 
@@ -200,12 +235,92 @@ def test_diffrax_bad_arguments():
     sde, gmm = sdekit.VPSDE(), mixture()
     ts = make_grid("uniform", sde, 5, dtype=torch.float64)
     x_T, noise = increments(5)
-    score = dfx_backend.mixture_score(gmm, sde)
+    score = dfx_interop.mixture_score(gmm, sde)
     with pytest.raises(ValueError, match="noise must have shape"):
-        dfx_backend.reverse_sde(score, sde, x_T, ts, noise=noise[:, :3])
+        dfx_interop.reverse_sde(score, sde, x_T, ts, noise=noise[:, :3])
     with pytest.raises(ValueError, match="needs noise= or key="):
-        dfx_backend.reverse_sde(score, sde, x_T, ts)
+        dfx_interop.reverse_sde(score, sde, x_T, ts)
     with pytest.raises(ValueError, match="rtol"):
-        dfx_backend.probability_flow(score, sde, x_T, rtol=0.0)
-    with pytest.raises(TypeError, match="expects a models.mlp.MLP"):
-        dfx_backend.export_mlp(torch.nn.Linear(2, 2))
+        dfx_interop.probability_flow(score, sde, x_T, rtol=0.0)
+    with pytest.raises(TypeError, match="expects a sdekit_models.mlp.MLP"):
+        dfx_interop.export_mlp(torch.nn.Linear(2, 2))
+
+
+# --- given increments: one replay per framework ---------------------------------------------------------------
+def test_given_increments_replay_exactly_in_both_frameworks():
+    """Over each grid interval both replays return the stored increment itself (bit for bit), between grid points
+    they interpolate the cumulative sums, and a strict torchsde replay refuses a query off the grid."""
+    ts = torch.tensor([0.0, 0.1, 0.25, 0.7, 1.0], dtype=torch.float64)
+    dW = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    W = torch.cat([torch.zeros_like(dW[:1]), dW.cumsum(0)])
+    tbm = tsde_interop.GridBrownian(ts, dW, strict=False)
+    jbm = dfx_interop.GivenIncrements(dfx_interop.to_jax(ts), dfx_interop.to_jax(dW))
+    for i in range(4):
+        assert torch.equal(tbm(ts[i], ts[i + 1]), dW[i])
+        assert np.array_equal(np.asarray(jbm.evaluate(ts[i].item(), ts[i + 1].item())), dW[i].numpy())
+    mid = 0.5 * (ts[2] + ts[3])
+    want = 0.5 * (W[2] + W[3])
+    torch.testing.assert_close(tbm(mid), want, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(jbm.evaluate(mid.item())), want.numpy(), rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(jbm.evaluate(ts[1].item(), mid.item())), (want - W[1]).numpy(), rtol=1e-13, atol=1e-14)
+    with pytest.raises(ValueError, match="not one grid interval"):
+        tsde_interop.GridBrownian(ts, dW, strict=True)(ts[1], mid)
+
+
+def test_diffrax_path_gradients_bad_arguments():
+    from sdekit.sensitivity.problems import make_problem
+
+    pb = make_problem("gbm")
+    ts = pb.ts(4)
+    x0 = pb.x0(3, torch.Generator().manual_seed(0))
+    dW = torch.randn(4, 3, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        dfx_interop.path_gradients(pb.xp_fields, x0, pb.theta, ts, dW, pb.loss, "rk4")
+    with pytest.raises(ValueError, match="increasing"):
+        dfx_interop.path_gradients(pb.xp_fields, x0, pb.theta, ts.flip(0), dW, pb.loss)
+    with pytest.raises(ValueError, match="dW must be"):
+        dfx_interop.path_gradients(pb.xp_fields, x0, pb.theta, ts, dW[:3], pb.loss)
+
+
+# --- each adapter is the only importer of its framework, and names its extra when it is missing -----------------
+@pytest.mark.parametrize("adapter, blocked, extra", [("sdekit.interop.diffrax", "diffrax", "jax"),
+                                                    ("sdekit.interop.diffrax", "jax", "jax"),
+                                                    ("sdekit.interop.torchsde", "torchsde", "torchsde")])
+def test_adapter_without_its_extra_names_it(monkeypatch, adapter, blocked, extra):
+    import importlib
+
+    monkeypatch.setitem(sys.modules, blocked, None)          # `import blocked` now fails as if not installed
+    monkeypatch.delitem(sys.modules, adapter, raising=False)
+    with pytest.raises(ImportError, match=rf"{adapter} needs .*pip install 'sdekit\[{extra}\]'"):
+        importlib.import_module(adapter)
+
+
+def test_adjoint_without_torchsde_names_the_extra(monkeypatch):
+    from sdekit.sensitivity import adjoint
+    from sdekit.sensitivity.problems import make_problem
+
+    pb = make_problem("gbm")
+    ts, x0 = pb.ts(4), pb.x0(3, torch.Generator().manual_seed(0))
+    dW = torch.randn(4, 3, 1, dtype=torch.float64)
+    monkeypatch.setitem(sys.modules, "torchsde", None)
+    monkeypatch.delitem(sys.modules, "sdekit.interop.torchsde", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'sdekit\[torchsde\]'"):
+        adjoint.mean_gradient(pb.f, pb.g, x0, pb.theta, ts, dW, pb.loss)
+
+
+def test_only_the_adapters_import_their_frameworks():
+    """Source check: outside sdekit/interop/, no module of the library imports jax, diffrax, lineax or torchsde."""
+    import ast
+    from pathlib import Path
+
+    root = Path(sdekit.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "interop":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names
+                          if n.partition(".")[0] in ("jax", "jaxlib", "diffrax", "lineax", "equinox", "torchsde")]
+    assert not offenders, offenders

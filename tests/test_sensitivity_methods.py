@@ -98,10 +98,10 @@ def test_adjoint_agrees_with_backprop():
 
 def test_diffrax_agrees_with_backprop():
     pytest.importorskip("diffrax")
-    from sdekit.sensitivity import jax as sjax
+    from sdekit.interop.diffrax import path_gradients
     pb, x0, ts, dW, _ = _gbm(16, 16)
     for scheme in ("euler", "milstein"):
-        jg = sjax.path_gradients(pb.xp_fields, x0, pb.theta, ts, dW, pb.loss, scheme)
+        jg = path_gradients(pb.xp_fields, x0, pb.theta, ts, dW, pb.loss, scheme)
         bp = backprop.path_gradients(pb.f, pb.g, x0, pb.theta, ts, dW, pb.loss, scheme)
         # same increments, same scheme: round-off agreement (measured ~2e-15)
         assert (jg - bp).abs().max() < 1e-10 * bp.abs().max(), scheme

@@ -1,13 +1,19 @@
-"""Reverse SDE and probability-flow ODE in JAX with diffrax solvers and step-size controllers.
+"""The JAX adapter: sdekit's SDEs, exact scores and trained MLPs as JAX functions, solved with diffrax.
 
-JAX is imported here and nowhere else in sdekit. What is provided:
-  - `sde_coefficients(sde)`: alpha_t, sigma_t, f(t), g(t) of every sdekit SDE as JAX functions;
+The only module in sdekit that imports jax, diffrax and lineax; without the [jax] extra, importing it raises
+an ImportError that says so. What is here:
+  - no schedules: every SDE evaluates its own closed forms in jax.numpy, `sde.marginal(t, xp=jnp)`,
+    `sde.diffusion(t, xp=jnp)`, `sde.reverse_drift(x, t, score, xp=jnp)` (one definition, in `sdekit.sde`);
   - `mixture_score(gmm, sde)`: the exact diffused score of a GaussianMixture, in JAX;
-  - `export_mlp(net)` / `export_denoiser(denoiser)`: a trained `models.mlp.MLP` (and the
-    `sdekit.precond.Denoiser` around it) as pure JAX functions of the copied torch weights;
-  - `reverse_sde(...)` and `probability_flow(...)`: diffeqsolve in s = -t (forward time), so any
-    diffrax solver and controller applies. With explicit `noise` the Brownian increment over grid
-    interval i is sqrt(t_i - t_{i+1}) noise[i], as in `sdekit.samplers.euler_maruyama`.
+  - `export_mlp(net)` / `export_denoiser(denoiser)`: a trained `sdekit_models.mlp.MLP` (and the
+    `sdekit.precond.Denoiser` around it) as pure JAX functions of the copied torch weights. These two and
+    `mixture_score` mirror torch code line by line; tests/test_interop.py checks each against its torch original;
+  - `GivenIncrements`: given Brownian increments on a grid as a diffrax Brownian path;
+  - `reverse_sde(...)` and `probability_flow(...)`: diffeqsolve in s = -t (forward time), so any diffrax solver
+    and controller applies. With explicit `noise` the Brownian increment over grid interval i is
+    sqrt(t_i - t_{i+1}) noise[i], as in `sdekit.samplers.euler_maruyama`;
+  - `path_gradients(xp_fields, ...)`: per-path d L(X_T)/dtheta by JAX autodiff through diffeqsolve on the same
+    increments as sdekit's own solvers (the `diffrax` method of `sdekit.sensitivity.compare`).
 
 JAX score functions have the signature score(x: (B, *S), t: () scalar) -> (B, *S). Use float64
 (`jax.config.update("jax_enable_x64", True)`) to compare with torch float64 to round-off.
@@ -17,16 +23,20 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import diffrax
-import jax
-import jax.numpy as jnp
-import lineax
 import numpy as np
+import torch
 
-from ..sde import EDM, SDE, VESDE, SubVPSDE, VPSDE
+from .._imports import require
+from ..precond import PREDICTIONS
+from ..sde import SDE
 
-__all__ = ["sde_coefficients", "mixture_score", "export_mlp", "export_denoiser", "reverse_sde", "probability_flow",
-           "to_jax"]
+jax = require("jax", __name__)
+jnp = require("jax.numpy", __name__)
+diffrax = require("diffrax", __name__)
+lineax = require("lineax", __name__)
+
+__all__ = ["to_jax", "mixture_score", "export_mlp", "export_denoiser", "GivenIncrements", "reverse_sde",
+           "probability_flow", "path_gradients"]
 
 
 def to_jax(a) -> jax.Array:
@@ -36,51 +46,14 @@ def to_jax(a) -> jax.Array:
     return jnp.asarray(a)
 
 
-# --- schedules ------------------------------------------------------------------------------------------
-def sde_coefficients(sde: SDE) -> dict[str, Callable]:
-    """JAX versions of sde.marginal (-> (alpha, sigma)), sde.drift_coef and sde.diffusion for scalar or array t."""
-    if isinstance(sde, VPSDE):  # includes SubVPSDE
-        b0, db, s = sde.beta_min, sde.beta_max - sde.beta_min, sde.cosine_s
-        cosine = sde.schedule == "cosine"
-        tan0 = math.tan(math.pi / 2 * s / (1 + s))
-
-        def log_alpha(t):
-            if cosine:  # log(cos(phase_0 + d) / cos(phase_0)) without cancellation, as in sdekit.sde.VPSDE
-                d = math.pi / 2 / (1 + s) * t
-                return jnp.log1p(-2.0 * jnp.sin(0.5 * d) ** 2 - tan0 * jnp.sin(d))
-            return -0.5 * (b0 * t + 0.5 * db * t**2)
-
-        def beta(t):
-            if cosine:
-                return math.pi / (1 + s) * jnp.tan(math.pi / 2 * (t + s) / (1 + s))
-            return b0 + t * db
-
-        if isinstance(sde, SubVPSDE):
-            marginal = lambda t: (jnp.exp(log_alpha(t)), -jnp.expm1(2 * log_alpha(t)))
-            diffusion = lambda t: jnp.sqrt(beta(t) * -jnp.expm1(4 * log_alpha(t)))
-        else:
-            marginal = lambda t: (jnp.exp(log_alpha(t)), jnp.sqrt(-jnp.expm1(2 * log_alpha(t))))
-            diffusion = lambda t: jnp.sqrt(beta(t))
-        return dict(marginal=marginal, drift_coef=lambda t: -0.5 * beta(t), diffusion=diffusion)
-    if isinstance(sde, VESDE):
-        lr, smin = math.log(sde.sigma_max / sde.sigma_min), sde.sigma_min
-        return dict(marginal=lambda t: (jnp.ones_like(t), smin * jnp.sqrt(jnp.expm1(2 * t * lr))),
-                    drift_coef=lambda t: jnp.zeros_like(t), diffusion=lambda t: smin * jnp.exp(t * lr) * math.sqrt(2 * lr))
-    if isinstance(sde, EDM):
-        return dict(marginal=lambda t: (jnp.ones_like(t), t), drift_coef=lambda t: jnp.zeros_like(t),
-                    diffusion=lambda t: jnp.sqrt(2 * t))
-    raise TypeError(f"no JAX coefficients for SDE type {type(sde).__name__}; expected VPSDE, SubVPSDE, VESDE or EDM")
-
-
 # --- score functions ---------------------------------------------------------------------------------------
 def mixture_score(gmm, sde: SDE) -> Callable:
     """Exact grad_x log p_t(x) of a GaussianMixture diffused by sde: score(x: (B, d), t: ()) -> (B, d)."""
-    coef = sde_coefficients(sde)
     means, covs, logw = to_jax(gmm.means), to_jax(gmm.covs), jnp.log(to_jax(gmm.weights))
     eye = jnp.eye(means.shape[1], dtype=means.dtype)
 
     def score(x, t):
-        alpha, sigma = coef["marginal"](jnp.asarray(t, x.dtype))
+        alpha, sigma = sde.marginal(jnp.asarray(t, x.dtype), xp=jnp)
         cov_t = alpha**2 * covs + sigma**2 * eye                            # (K, d, d)
         prec = jnp.linalg.inv(cov_t)
         _, logdet = jnp.linalg.slogdet(cov_t)
@@ -98,7 +71,7 @@ def _linear(layer) -> dict:
 
 
 def export_mlp(net) -> tuple[dict, Callable]:
-    """Copy a `models.mlp.MLP` into (params, apply) with apply(params, x: (B, d), c_noise: (B,) or ()) -> (B, d).
+    """Copy a `sdekit_models.mlp.MLP` into (params, apply) with apply(params, x: (B, d), c_noise: (B,) or ()) -> (B, d).
 
     The architecture is read from the module (Fourier features of c_noise, input layer on [x, emb],
     time projections re-injected before each hidden layer, SiLU, linear output), so the JAX function
@@ -106,7 +79,7 @@ def export_mlp(net) -> tuple[dict, Callable]:
     """
     needed = ("time", "inp", "time_proj", "hidden_layers", "out")
     if not all(hasattr(net, n) for n in needed):
-        raise TypeError(f"export_mlp expects a models.mlp.MLP (attributes {needed}), got {type(net).__name__}")
+        raise TypeError(f"export_mlp expects a sdekit_models.mlp.MLP (attributes {needed}), got {type(net).__name__}")
     params = {
         "freqs": to_jax(net.time.freqs),
         "inp": _linear(net.inp),
@@ -132,14 +105,16 @@ def export_denoiser(denoiser) -> Callable:
     """A `sdekit.precond.Denoiser` wrapping an MLP as a JAX score(x: (B, d), t: ()) -> (B, d).
 
     Mirrors Denoiser.predict: network input c_in x / alpha and c_noise = log(sigma/alpha) / 4, then the
-    prediction type's read-out to eps_hat, and score = -eps_hat / sigma_t.
+    prediction type's read-out to eps_hat, and score = -eps_hat / sigma_t. alpha and sigma are the SDE's own
+    closed forms evaluated in jax.numpy.
     """
+    kind, sd, sde = denoiser.prediction, denoiser.sigma_data, denoiser.sde
+    if kind not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {kind!r}; expected one of {PREDICTIONS}")
     params, apply = export_mlp(denoiser.net)
-    coef = sde_coefficients(denoiser.sde)
-    kind, sd = denoiser.prediction, denoiser.sigma_data
 
     def score(x, t):
-        a, s = coef["marginal"](jnp.asarray(t, x.dtype))
+        a, s = sde.marginal(jnp.asarray(t, x.dtype), xp=jnp)
         ratio = s / a
         var = ratio**2 + sd**2
         c_skip, c_out, c_in = sd**2 / var, ratio * sd / jnp.sqrt(var), 1 / jnp.sqrt(var)
@@ -152,21 +127,30 @@ def export_denoiser(denoiser) -> Callable:
             eps = (s * x + a * out) / (a**2 + s**2)
         elif kind == "score":
             eps = -s * out
-        elif kind == "edm":
+        else:  # edm
             eps = (x - a * (c_skip * (x / a) + c_out * out)) / s
-        else:
-            raise ValueError(f"unknown prediction type {kind!r}")
         return -eps / s
 
     return score
 
 
-# --- solves -------------------------------------------------------------------------------------------------
-class _GivenIncrements(diffrax.AbstractPath):
-    """Control path whose increment over grid interval [s_i, s_{i+1}] is dW[i]; W is piecewise linear between."""
+# --- given Brownian increments ------------------------------------------------------------------------------
+class GivenIncrements(diffrax.AbstractBrownianPath):
+    """Brownian increments dW: (N, *shape) on an increasing grid: (N+1,) as a diffrax Brownian path.
+
+    The increment over one grid interval [grid[i], grid[i+1]] is dW[i] itself, so a solve stepping on the
+    grid (`diffrax.StepTo(ts=grid)`) uses exactly these increments, as sdekit's own solvers do; W at other
+    times interpolates the cumulative sums linearly. No Levy area (solvers that need it are refused by diffrax).
+    """
 
     grid: jax.Array      # (N+1,) increasing
-    dW: jax.Array        # (N, D)
+    dW: jax.Array        # (N, *shape)
+    W: jax.Array         # (N+1, *shape), W[0] = 0
+    levy_area = diffrax.BrownianIncrement
+
+    def __init__(self, grid, dW):
+        self.grid, self.dW = grid, dW
+        self.W = jnp.concatenate([jnp.zeros_like(dW[:1]), jnp.cumsum(dW, 0)], 0)
 
     @property
     def t0(self):
@@ -179,31 +163,29 @@ class _GivenIncrements(diffrax.AbstractPath):
     def _index(self, t):
         return jnp.clip(jnp.searchsorted(self.grid, t, side="right") - 1, 0, self.dW.shape[0] - 1)
 
-    def evaluate(self, t0, t1=None, left=True):
+    def _at(self, t):
+        i = self._index(t)
+        return self.W[i] + (t - self.grid[i]) / (self.grid[i + 1] - self.grid[i]) * self.dW[i]
+
+    def evaluate(self, t0, t1=None, left=True, use_levy=False):
         del left
-        if t1 is not None:
-            i = self._index(t0)
-            # One step per interval (StepTo on the grid): return the stored increment itself, not a difference of sums.
-            exact = jnp.isclose(t1, self.grid[i + 1], rtol=1e-12, atol=0) & jnp.isclose(t0, self.grid[i], rtol=1e-12, atol=0)
-            return jnp.where(exact, self.dW[i], self.evaluate(t1) - self.evaluate(t0))
-        W = jnp.concatenate([jnp.zeros_like(self.dW[:1]), jnp.cumsum(self.dW, 0)], 0)
+        if t1 is None:
+            return self._at(t0)
         i = self._index(t0)
-        frac = (t0 - self.grid[i]) / (self.grid[i + 1] - self.grid[i])
-        return W[i] + frac * self.dW[i]
+        # One step per interval: the stored increment itself, not a difference of cumulative sums.
+        exact = jnp.isclose(t0, self.grid[i], rtol=1e-12, atol=0) & jnp.isclose(t1, self.grid[i + 1], rtol=1e-12, atol=0)
+        inc = jnp.where(exact, self.dW[i], self._at(t1) - self._at(t0))
+        return diffrax.BrownianIncrement(dt=t1 - t0, W=inc) if use_levy else inc
 
 
+# --- solves -------------------------------------------------------------------------------------------------
 def _reverse_terms(score: Callable, sde: SDE, shape: tuple, probability_flow: bool):
-    coef = sde_coefficients(sde)
-    half = 0.5 if probability_flow else 1.0
-
     def drift(s, y, args):
-        t = -s
         x = y.reshape(shape)
-        v = coef["drift_coef"](t) * x - half * coef["diffusion"](t) ** 2 * score(x, t)
-        return -v.reshape(-1)                                      # d/ds = -d/dt
+        return -sde.reverse_drift(x, -s, score(x, -s), probability_flow, xp=jnp).reshape(-1)   # d/ds = -d/dt
 
     def diffusion(s, y, args):
-        return lineax.DiagonalLinearOperator(coef["diffusion"](-s) * jnp.ones_like(y))
+        return lineax.DiagonalLinearOperator(sde.diffusion(-s, xp=jnp) * jnp.ones_like(y))
 
     return drift, diffusion
 
@@ -227,7 +209,7 @@ def reverse_sde(score: Callable, sde: SDE, x, ts, *, noise=None, key: jax.Array 
         noise = to_jax(noise).astype(x.dtype)
         if noise.shape != (n, *shape):
             raise ValueError(f"noise must have shape ({n}, {', '.join(map(str, shape))}), got {noise.shape}")
-        control = _GivenIncrements(grid, jnp.sqrt(grid[1:] - grid[:-1])[:, None] * noise.reshape(n, -1))
+        control = GivenIncrements(grid, jnp.sqrt(grid[1:] - grid[:-1])[:, None] * noise.reshape(n, -1))
         stepsize_controller, dt0 = diffrax.StepTo(ts=grid), None
     else:
         if key is None:
@@ -264,3 +246,44 @@ def probability_flow(score: Callable, sde: SDE, x, *, t_start: float | None = No
                               max_steps=max_steps)
     out = sol.ys[-1].reshape(x.shape)
     return (out, dict(sol.stats)) if return_stats else out
+
+
+# --- pathwise gradients ---------------------------------------------------------------------------------------
+_GRADIENT_SOLVERS = {"euler": "Euler", "milstein": "ItoMilstein", "heun": "Heun"}
+
+
+def path_gradients(xp_fields: Callable, x0: torch.Tensor, theta: torch.Tensor, ts: torch.Tensor, dW: torch.Tensor,
+                   loss_xp: Callable, scheme: str = "euler") -> torch.Tensor:
+    """Per-path d L(X_T^b)/dtheta: (B, P) as a torch tensor, by jax.vmap(jax.grad(...)) through diffeqsolve.
+
+    xp_fields(xp) -> (f, g) written against the array namespace xp (here jax.numpy), with the shapes of
+    `sdekit.sensitivity.forward` (f, g: (t, x: (B, d), theta: (P,)) -> (B, d), diagonal noise); loss_xp(x: (1, d))
+    -> (1,) in the same namespace. x0: (B, d); theta: (P,); ts: (N+1,) increasing; dW: (N, B, d), the increments
+    stepped exactly (`GivenIncrements`, StepTo on ts). scheme: euler (diffrax.Euler), milstein (diffrax.ItoMilstein)
+    or heun (diffrax.Heun, Stratonovich). Enables float64 in JAX (jax_enable_x64), a process-wide JAX setting.
+    """
+    if scheme not in _GRADIENT_SOLVERS:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {sorted(_GRADIENT_SOLVERS)}")
+    if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] > ts[:-1]).all()):
+        raise ValueError(f"path_gradients needs an increasing 1-D ts with at least 2 points, got {tuple(ts.shape)}")
+    if tuple(dW.shape[:2]) != (len(ts) - 1, x0.shape[0]):
+        raise ValueError(f"dW must be ({len(ts) - 1}, {x0.shape[0]}, d) for ts {tuple(ts.shape)} and x0 {tuple(x0.shape)}, "
+                         f"got {tuple(dW.shape)}")
+    jax.config.update("jax_enable_x64", True)           # before any array is made, so float64 stays float64
+    solver = getattr(diffrax, _GRADIENT_SOLVERS[scheme])
+    f, g = xp_fields(jnp)
+    ts_j = to_jax(ts)
+
+    def one_path(th, y0, w):
+        drift = diffrax.ODETerm(lambda t, y, args: f(t, y[None], th)[0])
+        diffusion = diffrax.ControlTerm(lambda t, y, args: lineax.DiagonalLinearOperator(g(t, y[None], th)[0]),
+                                        GivenIncrements(ts_j, w))
+        sol = diffrax.diffeqsolve(diffrax.MultiTerm(drift, diffusion), solver(), ts_j[0], ts_j[-1],
+                                  dt0=None, y0=y0, stepsize_controller=diffrax.StepTo(ts=ts_j),
+                                  saveat=diffrax.SaveAt(t1=True), max_steps=len(ts_j) + 1,
+                                  adjoint=diffrax.DirectAdjoint())
+        return loss_xp(sol.ys[-1][None])[0]
+
+    grads = jax.jit(jax.vmap(jax.grad(one_path), in_axes=(None, 0, 0)))(
+        to_jax(theta), to_jax(x0), jnp.moveaxis(to_jax(dW), 1, 0))             # dW per path: (B, N, d)
+    return torch.tensor(np.asarray(grads), dtype=theta.dtype)

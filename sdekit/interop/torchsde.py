@@ -1,4 +1,7 @@
-"""Reverse-time SDE through `torchsde.sdeint`, with any of its methods.
+"""The torchsde adapter: the reverse-time SDE through `torchsde.sdeint` (any of its methods), and `GridBrownian`.
+
+The only module in sdekit that imports torchsde (`sensitivity.adjoint` takes it from here); without the
+[torchsde] extra, importing this module raises an ImportError that says so.
 
 torchsde integrates forward in time, so the reverse SDE is written in s = -t:
     dx = -[f(x, -s) - g(-s)^2 score(x, -s)] ds + g(-s) dW_s,   s from -t_max to -t_min,
@@ -16,10 +19,12 @@ import math
 from typing import Callable
 
 import torch
-import torchsde
 from torch import Tensor
 
+from .._imports import require
 from ..sde import SDE
+
+torchsde = require("torchsde", __name__)
 
 __all__ = ["reverse_sde", "GridBrownian", "ITO_METHODS", "STRATONOVICH_METHODS"]
 

@@ -4,8 +4,8 @@ The schemes' one-step maps and the primal solver `sdekit.simulate` live in `sdek
 
 forward        the sensitivity equation integrated alongside the path (forward mode, `forward`)
 backprop       reverse-mode autograd through the same discrete solver
-adjoint        torchsde's `sdeint_adjoint` on the same Brownian increments
-jax            diffrax: JAX autodiff through `diffeqsolve` on the same increments (JAX imported lazily)
+adjoint        torchsde's `sdeint_adjoint` on the same Brownian increments (torchsde through `sdekit.interop.torchsde`)
+(diffrax)      JAX autodiff through `diffeqsolve` on the same increments: `sdekit.interop.diffrax.path_gradients`
 finite_diff    central differences, with and without common random numbers
 score_function likelihood-ratio (Girsanov) estimator for drift parameters
 problems       registry of test problems with closed forms where they exist
