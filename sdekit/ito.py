@@ -12,6 +12,10 @@ standard error next to the Ito answer ("theory") and the ordinary-calculus answe
 - `ito_stratonovich`   Euler-Maruyama (Ito) and Heun (Stratonovich) on the same increments converge to
                        different solutions unless Heun's drift is corrected by -(1/2) g dg/dx.
 
+The SDEs are solved by the library's own schemes (`sdekit.simulate` with the registry's "euler" and
+"heun", `sdekit.solvers`), on its Brownian increments; a scalar SDE's n paths are a batch of n
+one-dimensional states.
+
 `sdekit ito` runs them all, prints a table, and writes ito.json and ito.png into --out.
 Everything is float64: the effects are O(1), but the tests compare to theory in standard errors.
 """
@@ -26,6 +30,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from . import solvers
 
 __all__ = [
     "ItoResult", "RiemannResult", "ConversionResult", "DriftCurve",
@@ -81,11 +87,30 @@ def _check_positive(**kw) -> None:
             raise ValueError(f"{name} must be positive, got {v}")
 
 
+def _grid(T: float, n_steps: int, dtype: torch.dtype = DTYPE) -> Tensor:
+    """The uniform time grid of [0, T] with n_steps steps: (n_steps + 1,)."""
+    return torch.linspace(0.0, T, n_steps + 1, dtype=dtype)
+
+
 def brownian_increments(n_paths: int, n_steps: int, T: float = 1.0, *, generator: torch.Generator | None = None,
                         dtype: torch.dtype = DTYPE) -> Tensor:
-    """Independent increments dW ~ N(0, T/n_steps). Returns (n_steps, n_paths)."""
+    """Independent increments dW ~ N(0, T/n_steps) on the uniform grid of [0, T]. Returns (n_steps, n_paths)."""
     _check_positive(n_paths=n_paths, n_steps=n_steps, T=T)
-    return torch.randn(n_steps, n_paths, generator=generator, dtype=dtype) * math.sqrt(T / n_steps)
+    return solvers.brownian_increments(_grid(T, n_steps, dtype), (n_paths,), generator)
+
+
+def _solve(scheme: str, b: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor], x0: Tensor, dW: Tensor,
+           ts: Tensor, save: str = "end") -> Tensor:
+    """dX = b(X) dt + g(X) dW by the registered `scheme` on the grid ts, one path per entry of x0.
+
+    b, g act elementwise. x0: (P,); dW: (n, P); ts: (n+1,). Returns X at ts[-1]: (P,), or the path (n+1, P)
+    with save="path".
+    """
+    drift = lambda t, x, theta: b(x)                     # noqa: E731  (autonomous: no t, no parameters)
+    diffusion = lambda t, x, theta: g(x)                 # noqa: E731
+    no_params = x0.new_zeros(0)
+    x = solvers.simulate(drift, diffusion, x0[:, None], no_params, ts.to(x0.dtype), dW[..., None], scheme, save=save)
+    return x[..., 0]
 
 
 def derivatives(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,17 +227,14 @@ def gbm_log_mean(x0: float = 1.0, mu: float = 0.5, sigma: float = 0.8, T: float 
     """
     _check_positive(x0=x0, sigma=sigma, T=T)
     dW = brownian_increments(n_paths, n_steps, T, generator=generator)
-    dt = T / n_steps
-    x = torch.full((n_paths,), float(x0), dtype=DTYPE)
-    mean_log = [math.log(x0)]
-    se_log = [0.0]
-    for i in range(n_steps):
-        x = x + mu * x * dt + sigma * x * dW[i]
-        if not bool((x > 0).all()):
-            raise FloatingPointError("an Euler-Maruyama GBM path went non-positive; use more n_steps")
-        lx = torch.log(x)
-        mean_log.append(lx.mean().item())
-        se_log.append((lx.std() / math.sqrt(n_paths)).item())
+    path = _solve("euler", lambda x: mu * x, lambda x: sigma * x, torch.full((n_paths,), float(x0), dtype=DTYPE), dW,
+                  _grid(T, n_steps), save="path")                               # (n_steps + 1, n_paths)
+    if not bool((path > 0).all()):
+        raise FloatingPointError("an Euler-Maruyama GBM path went non-positive; use more n_steps")
+    log_path = torch.log(path[1:])
+    mean_log = [math.log(x0), *log_path.mean(1).tolist()]
+    se_log = [0.0, *(log_path.std(1) / math.sqrt(n_paths)).tolist()]
+    x = path[-1]
     est, se = mean_log[-1], se_log[-1]
     m_x, se_x = _mean_se(x)
     return ItoResult("E[log X_T] (GBM)", est, se, theory=math.log(x0) + (mu - sigma ** 2 / 2) * T,
@@ -226,24 +248,20 @@ def gbm_log_mean(x0: float = 1.0, mu: float = 0.5, sigma: float = 0.8, T: float 
 
 
 def euler_maruyama(b: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor], x0: Tensor, dW: Tensor, dt: float) -> Tensor:
-    """Ito scheme X += b(X) dt + g(X) dW. x0: (P,); dW: (n, P). Returns X at the end: (P,)."""
-    x = x0
-    for i in range(dW.shape[0]):
-        x = x + b(x) * dt + g(x) * dW[i]
-    return x
+    """The Ito scheme X += b(X) dt + g(X) dW (the registry's "euler") on n steps of dt.
+
+    b, g act elementwise. x0: (P,); dW: (n, P). Returns X at the end: (P,).
+    """
+    return _solve("euler", b, g, x0, dW, _grid(dW.shape[0] * dt, dW.shape[0], x0.dtype))
 
 
 def stochastic_heun(b: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor], x0: Tensor, dW: Tensor, dt: float) -> Tensor:
-    """Heun's predictor-corrector (trapezoidal in both dt and dW): converges to the Stratonovich solution.
+    """Heun's predictor-corrector (trapezoidal in both dt and dW; the registry's "heun") on n steps of dt:
+    converges to the Stratonovich solution.
 
-    x0: (P,); dW: (n, P). Returns X at the end: (P,).
+    b, g act elementwise. x0: (P,); dW: (n, P). Returns X at the end: (P,).
     """
-    x = x0
-    for i in range(dW.shape[0]):
-        bx, gx = b(x), g(x)
-        xp = x + bx * dt + gx * dW[i]
-        x = x + 0.5 * (bx + b(xp)) * dt + 0.5 * (gx + g(xp)) * dW[i]
-    return x
+    return _solve("heun", b, g, x0, dW, _grid(dW.shape[0] * dt, dW.shape[0], x0.dtype))
 
 
 def ito_drift(f: Callable[[Tensor], Tensor], b: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor], x0: float,
@@ -260,7 +278,7 @@ def ito_drift(f: Callable[[Tensor], Tensor], b: Callable[[Tensor], Tensor], g: C
     f0, d1, d2 = (v.item() for v in derivatives(f, x))
     b0, g0 = b(x).item(), g(x).item()
     dW = brownian_increments(n_paths, n_sub, h, generator=generator)
-    xh = euler_maruyama(b, g, x.expand(n_paths), dW, h / n_sub)
+    xh = _solve("euler", b, g, x.expand(n_paths), dW, _grid(h, n_sub))
     fh = f(xh)
     y = (fh - f0 - d1 * g0 * dW.sum(0)) / h
     est, se = _mean_se(y)
@@ -340,10 +358,10 @@ def ito_stratonovich(b: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor
     out = ConversionResult(steps, [], [], [] if exact_ito else None, [] if exact_strat else None)
     for n in steps:
         dW = fine.reshape(n, N // n, n_paths).sum(1)
-        dt = T / n
-        em = euler_maruyama(b, g, x0t, dW, dt)
-        heun = stochastic_heun(b, g, x0t, dW, dt)
-        heun_c = stochastic_heun(b_corr, g, x0t, dW, dt)
+        ts = _grid(T, n)
+        em = _solve("euler", b, g, x0t, dW, ts)
+        heun = _solve("heun", b, g, x0t, dW, ts)
+        heun_c = _solve("heun", b_corr, g, x0t, dW, ts)
         out.rms_em_heun.append(_rms(em - heun))
         out.rms_em_heun_corrected.append(_rms(em - heun_c))
         if exact_ito:
