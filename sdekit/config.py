@@ -47,7 +47,9 @@ class DataConfig:
     test_fraction: float = 0.2           # image sets: held-out share, split by a permutation seeded with `seed`
     hflip: bool = False                  # image sets: random horizontal flips (off for digits: a flipped 3 is no digit)
     dequantize: bool = False             # image sets: add uniform noise of one quantisation bin (for bits/dim)
-    options: dict = field(default_factory=dict)
+    layout: str | None = None            # npz: NCHW | NHWC, needed when a 4-D array's shape allows both
+    value_range: list[float] | None = None   # npz: [lo, hi] stored values mapped to [-1, 1]; needed for non-uint8 integers
+    options: dict = field(default_factory=dict)   # the source's loader options (npz: x_key, y_key; image_folder: channels)
 
 
 @dataclass
@@ -187,7 +189,28 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)!r}")
     if ":" not in cfg.model.target:
         raise ConfigError(f"model.target must look like 'module:Class', got {cfg.model.target!r}")
+    _validate_image_data(cfg.data)
     resolve_sigma_data(cfg)
+
+
+def _validate_image_data(d: DataConfig) -> None:
+    """data.layout, data.value_range and the loader's data.options for image sources (sdekit.images)."""
+    from .images import LAYOUTS, LOADER_OPTIONS
+
+    if d.layout is not None and d.layout not in LAYOUTS:
+        raise ConfigError(f"data.layout = {d.layout!r} is not allowed; expected one of {list(LAYOUTS)} (or null)")
+    if d.value_range is not None:
+        if len(d.value_range) != 2 or not all(math.isfinite(v) for v in d.value_range) or not d.value_range[1] > d.value_range[0]:
+            raise ConfigError(f"data.value_range must be [lo, hi] with finite lo < hi, got {d.value_range!r}")
+    if (d.layout is not None or d.value_range is not None) and d.name != "npz":
+        key = "data.layout" if d.layout is not None else "data.value_range"
+        raise ConfigError(f"{key} applies to data.name='npz' (arrays), not {d.name!r}")
+    if d.name in LOADER_OPTIONS:
+        unknown = [k for k in d.options if k not in LOADER_OPTIONS[d.name]]
+        if unknown:
+            hint = f"; use data.{unknown[0]}" if unknown[0] in ("layout", "value_range") else ""
+            raise ConfigError(f"unknown data option 'data.options.{unknown[0]}' for data.name={d.name!r}; it takes "
+                              f"{list(LOADER_OPTIONS[d.name]) or 'none'}{hint}")
 
 
 # --- dict <-> dataclass with type checks ------------------------------------------------------------
@@ -226,6 +249,11 @@ def _check_value(key: str, value: Any, tp) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r} ({type(value).__name__})")
+        (item,) = typing.get_args(tp)
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")

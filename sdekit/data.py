@@ -220,10 +220,10 @@ def load_training_data(cfg) -> tuple[Tensor, Tensor | None, dict]:
     from .images import IMAGE_DATASETS, load_images
 
     if cfg.name in IMAGE_DATASETS:
-        train, _ = load_images(cfg.name, cfg.path, cfg.test_fraction, cfg.seed, **cfg.options)
+        train, _ = load_images(cfg.name, cfg.path, cfg.test_fraction, cfg.seed, cfg.layout, cfg.value_range, **cfg.options)
         return train.x, train.labels, {"num_classes": train.num_classes, "n_levels": train.n_levels}
-    if cfg.hflip or cfg.dequantize:
-        raise ValueError(f"data.hflip and data.dequantize apply to image data sets, not {cfg.name!r}")
+    if cfg.hflip or cfg.dequantize or cfg.layout is not None or cfg.value_range is not None:
+        raise ValueError(f"data.hflip, data.dequantize, data.layout and data.value_range apply to image data sets, not {cfg.name!r}")
     return load_dataset(cfg.name, cfg.n_train, cfg.seed, cfg.path, **cfg.options), None, {}
 
 

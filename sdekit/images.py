@@ -3,11 +3,16 @@
 Sources (`data.name` in a config):
   digits        sklearn's 1797 8x8 digits (ships with scikit-learn; no download), 17 grey levels 0..16
   npz           `data.path` to an .npz with images under key `x` (or `data.options.x_key`) shaped (N, H, W),
-                (N, H, W, C) or (N, C, H, W), C in {1, 3, 4}, and optional integer labels under `y`
-                (`data.options.y_key`); uint8 is read as 0..255, floats must lie in [0, 1] or [-1, 1]
-                unless `data.options.value_range: [lo, hi]` says otherwise
+                (N, H, W, C) or (N, C, H, W), and optional integer labels under `y` (`data.options.y_key`).
+                The layout of a 4-D array is read from where a channel count (1, 3 or 4) sits; when both axis 1
+                and axis 3 could be it, `data.layout: NCHW | NHWC` must say which. Values: uint8 is read as
+                0..255; other integer dtypes need `data.value_range: [lo, hi]` (int arrays hold 0..16 as often as
+                0..65535); floats must lie in [0, 1] or [-1, 1] unless `data.value_range` says otherwise
   image_folder  `data.path` to a folder of images, either flat (unlabelled) or one sub-folder per class
-                (labels are the sorted sub-folder names); all images must share one size
+                (labels are the sorted sub-folder names); hidden files and folders (.ipynb_checkpoints) are
+                skipped; images next to class sub-folders, and class sub-folders without images, are refused.
+                8-bit images are read as 0..255, 16-bit grey ones (PNG, TIFF) as 0..65535; all images must
+                share one size and one bit depth
 The held-out split is a fixed permutation seeded by `data.seed` (`data.test_fraction` of the images).
 Every failure (missing path, bad shape, NaN, unreadable file) raises ValueError naming the input.
 """
@@ -22,10 +27,11 @@ from torch import Tensor
 
 from .data import check_finite
 
-__all__ = ["ImageData", "IMAGE_DATASETS", "load_images", "load_digits", "load_npz", "load_image_folder",
+__all__ = ["ImageData", "IMAGE_DATASETS", "LAYOUTS", "LOADER_OPTIONS", "load_images", "load_digits", "load_npz", "load_image_folder",
            "split", "image_bin_width"]
 
 IMAGE_DATASETS = ("digits", "npz", "image_folder")
+LAYOUTS = ("NCHW", "NHWC")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -60,16 +66,27 @@ def load_digits() -> ImageData:
     return ImageData(x, torch.tensor(d.target, dtype=torch.long), 10, 17, "digits")
 
 
-def _to_nchw(a: np.ndarray, where: str) -> np.ndarray:
+def _to_nchw(a: np.ndarray, where: str, layout: str | None = None) -> np.ndarray:
+    """(N, H, W) or 4-D a -> (N, C, H, W); a 4-D array's layout is `layout`, or the one its shape allows."""
+    if layout not in (None, *LAYOUTS):
+        raise ValueError(f"{where}: data.layout must be one of {list(LAYOUTS)}, got {layout!r}")
     if a.ndim == 3:
         return a[:, None]
     if a.ndim == 4:
-        if a.shape[-1] in (1, 3, 4):
+        if layout is not None:
+            return a if layout == "NCHW" else np.moveaxis(a, -1, 1)
+        nchw, nhwc = a.shape[1] in (1, 3, 4), a.shape[-1] in (1, 3, 4)
+        if nchw and nhwc:
+            raise ValueError(f"{where}: images shaped {a.shape} read as (N, C, H, W) with {a.shape[1]} channel(s) of "
+                             f"{a.shape[2]}x{a.shape[3]} or as (N, H, W, C) with {a.shape[3]} channel(s) of "
+                             f"{a.shape[1]}x{a.shape[2]}; set data.layout: NCHW or NHWC")
+        if nhwc:
             return np.moveaxis(a, -1, 1)
-        if a.shape[1] in (1, 3, 4):
+        if nchw:
             return a
-    raise ValueError(f"{where}: images must be shaped (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 3, 4; "
-                     f"got {a.shape}")
+        raise ValueError(f"{where}: images shaped {a.shape} have no channel axis of 1, 3 or 4 at position 1 or 3; "
+                         "set data.layout: NCHW or NHWC if the channel count is right")
+    raise ValueError(f"{where}: images must be shaped (N, H, W), (N, H, W, C) or (N, C, H, W); got {a.shape}")
 
 
 def _scale(a: np.ndarray, value_range, where: str) -> tuple[Tensor, int | None]:
@@ -81,8 +98,12 @@ def _scale(a: np.ndarray, value_range, where: str) -> tuple[Tensor, int | None]:
     levels = None
     if value_range is None:
         lo_x, hi_x = float(x.min()), float(x.max())
-        if np.issubdtype(a.dtype, np.integer):
-            value_range, levels = (0.0, 255.0), 256
+        if a.dtype == np.uint8:
+            value_range = (0.0, 255.0)
+        elif np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{where}: {a.dtype} images (values {lo_x:.6g}..{hi_x:.6g}) need data.value_range: [lo, hi], the "
+                             "values that map to -1 and 1 (e.g. [0, 16] for 17 grey levels, [0, 65535] for 16 bits); only "
+                             "uint8 is read as 0..255 without it")
         elif lo_x >= 0 and hi_x <= 1:
             value_range = (0.0, 1.0)
         elif lo_x >= -1 and hi_x <= 1:
@@ -95,8 +116,8 @@ def _scale(a: np.ndarray, value_range, where: str) -> tuple[Tensor, int | None]:
         raise ValueError(f"{where}: value_range must be [lo, hi] with hi > lo, got {list(value_range)}")
     if float(x.min()) < lo or float(x.max()) > hi:
         raise ValueError(f"{where}: values [{float(x.min()):.4g}, {float(x.max()):.4g}] leave value_range [{lo}, {hi}]")
-    if levels is None and np.issubdtype(a.dtype, np.integer) and lo == 0 and hi.is_integer():
-        levels = int(hi) + 1
+    if np.issubdtype(a.dtype, np.integer) and lo.is_integer() and hi.is_integer():
+        levels = int(hi - lo) + 1   # integer k sits at grey level k - lo
     return (2 * (x - lo) / (hi - lo) - 1).float(), levels
 
 
@@ -113,8 +134,10 @@ def _labels(y: np.ndarray, n: int, where: str) -> tuple[Tensor, int]:
     return torch.from_numpy(y.astype(np.int64)), int(y.max()) + 1 if n else 0
 
 
-def load_npz(path: str | Path, x_key: str = "x", y_key: str | None = "y", value_range=None) -> ImageData:
-    """Images (and labels, when the file has y_key) from an .npz file; see the module docstring for layouts."""
+def load_npz(path: str | Path, x_key: str = "x", y_key: str | None = "y", value_range=None,
+             layout: str | None = None) -> ImageData:
+    """Images (and labels, when the file has y_key) from an .npz file; see the module docstring for layouts
+    (layout: None | 'NCHW' | 'NHWC') and value ranges (value_range: [lo, hi] mapped to [-1, 1])."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"npz data: no file at {path}")
@@ -125,7 +148,7 @@ def load_npz(path: str | Path, x_key: str = "x", y_key: str | None = "y", value_
     with archive:
         if x_key not in archive.files:
             raise ValueError(f"npz data: {path} has no array {x_key!r}; it holds {archive.files} (set data.options.x_key)")
-        a = _to_nchw(archive[x_key], f"{path}[{x_key!r}]")
+        a = _to_nchw(archive[x_key], f"{path}[{x_key!r}]", layout)
         y = archive[y_key] if y_key is not None and y_key in archive.files else None
     if a.shape[0] < 1:
         raise ValueError(f"npz data: {path}[{x_key!r}] holds no images")
@@ -134,40 +157,97 @@ def load_npz(path: str | Path, x_key: str = "x", y_key: str | None = "y", value_
     return ImageData(x, labels, k, levels, path.name)
 
 
-def load_image_folder(path: str | Path, channels: int | None = None) -> ImageData:
-    """Images from a flat folder (unlabelled) or from one sub-folder per class; channels 1 or 3 (default: 1 if all are grey)."""
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _png_header(f: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk, None for other files."""
+    with open(f, "rb") as fh:
+        head = fh.read(26)
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24], head[25]
+    return None
+
+
+def _read_image(f: Path, channels: int | None):
+    """(array (H, W) or (H, W, 3), bits) of one image file: 8-bit images through PIL's conversion, 16-bit grey
+    ones as uint16; channels None keeps grey as grey (the caller settles on one channel count)."""
     from PIL import Image
 
+    png = _png_header(f) if f.suffix.lower() == ".png" else None
+    if png is not None and png[0] == 16 and png[1] in (2, 4, 6):
+        raise ValueError(f"image folder: {f} is a 16-bit colour PNG, which PIL reads as 8 bits; convert it to 8 bits, "
+                         "or store the images in an .npz with data.value_range: [0, 65535]")
+    with Image.open(f) as im:
+        im.load()
+        mode = im.mode
+        if mode.startswith("I;16"):
+            grey = np.asarray(im).astype(np.uint16)
+            return (np.repeat(grey[..., None], 3, axis=-1) if channels == 3 else grey), 16
+        if mode in ("I", "F"):
+            raise ValueError(f"image folder: {f} holds 32-bit {'integer' if mode == 'I' else 'float'} pixels; only 8-bit "
+                             "and 16-bit grey image files are read (use an .npz with data.value_range for others)")
+        grey = mode in ("L", "1") or (mode == "P" and channels == 1)
+        target = "L" if (channels == 1 or (channels is None and grey)) else "RGB"
+        return np.asarray(im.convert(target)), 8
+
+
+def load_image_folder(path: str | Path, channels: int | None = None) -> ImageData:
+    """Images from a flat folder (unlabelled) or from one sub-folder per class; channels 1 or 3 (default: 1 if all
+    are grey). Hidden files and folders are skipped; images beside class sub-folders and empty class sub-folders
+    are refused, since either would silently change which images get which label."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"image folder: no folder at {path}")
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
-    if subdirs:
-        files = [(f, k) for k, d in enumerate(subdirs) for f in sorted(d.iterdir()) if f.suffix.lower() in _IMAGE_SUFFIXES]
-    else:
-        files = [(f, None) for f in sorted(path.iterdir()) if f.suffix.lower() in _IMAGE_SUFFIXES]
-    if not files:
-        raise ValueError(f"image folder: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {path} or its sub-folders")
     if channels not in (None, 1, 3):
         raise ValueError(f"image folder: channels must be 1 or 3, got {channels}")
-    images = []
+
+    def images_in(d: Path) -> list[Path]:
+        return sorted(f for f in d.iterdir() if f.is_file() and _visible(f) and f.suffix.lower() in _IMAGE_SUFFIXES)
+
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and _visible(p))
+    top = images_in(path)
+    if subdirs and top:
+        raise ValueError(f"image folder {path} holds images ({top[0].name}, ...) next to sub-folders "
+                         f"({', '.join(d.name for d in subdirs[:5])}), which are read as classes: move every image into "
+                         "its class sub-folder, or remove the sub-folders for unlabelled data")
+    if subdirs:
+        files = []
+        for k, d in enumerate(subdirs):
+            found = images_in(d)
+            if not found:
+                raise ValueError(f"image folder: class sub-folder {d} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))}); "
+                                 "every sub-folder is a class, so it would shift the labels of the ones after it: "
+                                 "remove it or fill it")
+            files += [(f, k) for f in found]
+    else:
+        files = [(f, None) for f in top]
+    if not files:
+        raise ValueError(f"image folder: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {path} or its sub-folders")
+    read = []
     for f, _ in files:
         try:
-            with Image.open(f) as im:
-                im.load()
-                images.append(im.copy())
+            read.append(_read_image(f, channels))
+        except ValueError:
+            raise
         except Exception as e:
             raise ValueError(f"image folder: cannot read {f}: {e}") from None
-    if channels is None:
-        channels = 1 if all(im.mode in ("L", "1", "I;16") for im in images) else 3
-    arrays = [np.asarray(im.convert("L" if channels == 1 else "RGB")) for im in images]
+    bits = {b for _, b in read}
+    if len(bits) > 1:
+        f8 = next(f for (f, _), (_, b) in zip(files, read) if b == 8)
+        f16 = next(f for (f, _), (_, b) in zip(files, read) if b == 16)
+        raise ValueError(f"image folder: {f8} has 8 bits per pixel but {f16} has 16; all images must share one bit depth")
+    arrays = [arr for arr, _ in read]
+    if channels is None and any(arr.ndim == 3 for arr in arrays):   # some colour: read every grey image as RGB too
+        arrays = [np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr for arr in arrays]
     size = arrays[0].shape
     for (f, _), arr in zip(files, arrays):
-        if arr.shape != size:
+        if arr.shape[:2] != size[:2]:
             raise ValueError(f"image folder: {f} is {arr.shape[1]}x{arr.shape[0]}, but {files[0][0]} is {size[1]}x{size[0]}; "
                              "all images must share one size")
     a = np.stack(arrays)
-    x, levels = _scale(a, (0, 255), f"image folder {path}")
+    x, levels = _scale(a, (0, 255) if bits == {8} else (0, 65535), f"image folder {path}")
     labels = torch.tensor([k for _, k in files], dtype=torch.long) if subdirs else None
     return ImageData(_to_nchw_tensor(x), labels, len(subdirs) if subdirs else None, levels, path.name)
 
@@ -192,22 +272,29 @@ def split(data: ImageData, test_fraction: float, seed: int) -> tuple[ImageData, 
     return take(perm[n_test:]), take(perm[:n_test])
 
 
-def load_images(name: str, path: str | None = None, test_fraction: float = 0.2, seed: int = 0,
-                **options) -> tuple[ImageData, ImageData]:
-    """(train, test) ImageData of the named source; options go to the source's loader."""
+LOADER_OPTIONS = {"digits": (), "npz": ("x_key", "y_key"), "image_folder": ("channels",)}
+
+
+def load_images(name: str, path: str | None = None, test_fraction: float = 0.2, seed: int = 0, layout: str | None = None,
+                value_range=None, **options) -> tuple[ImageData, ImageData]:
+    """(train, test) ImageData of the named source; layout and value_range apply to npz arrays, options
+    (LOADER_OPTIONS[name]) go to the source's loader."""
+    if name in LOADER_OPTIONS:
+        unknown = [k for k in options if k not in LOADER_OPTIONS[name]]
+        if unknown:
+            raise ValueError(f"unknown data option 'data.options.{unknown[0]}' for data.name={name!r}; it takes "
+                             f"{list(LOADER_OPTIONS[name]) or 'none'}" + ("; value_range and layout are data.value_range "
+                             "and data.layout" if unknown[0] in ("value_range", "layout") else ""))
+        if name != "npz" and (layout is not None or value_range is not None):
+            raise ValueError(f"data.layout and data.value_range apply to data.name='npz', not {name!r}")
     if name == "digits":
-        if path is not None or options:
-            raise ValueError(f"digits ships with scikit-learn and takes no data.path or data.options, got path={path!r}, "
-                             f"options={options}")
+        if path is not None:
+            raise ValueError(f"digits ships with scikit-learn and takes no data.path, got path={path!r}")
         data = load_digits()
     elif name in ("npz", "image_folder"):
         if path is None:
             raise ValueError(f"data.name={name!r} needs data.path")
-        loader = load_npz if name == "npz" else load_image_folder
-        try:
-            data = loader(path, **options)
-        except TypeError as e:
-            raise ValueError(f"data.options {options} do not fit the {name} loader: {e}") from None
+        data = load_npz(path, value_range=value_range, layout=layout, **options) if name == "npz" else load_image_folder(path, **options)
     else:
         raise ValueError(f"unknown image data set {name!r}; expected one of {IMAGE_DATASETS}")
     return split(data, test_fraction, seed)

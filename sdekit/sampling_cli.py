@@ -289,7 +289,8 @@ def _image_splits(cfg: Config):
     """(train, test) ImageData of the run's data config."""
     from .images import load_images
 
-    return load_images(cfg.data.name, cfg.data.path, cfg.data.test_fraction, cfg.data.seed, **cfg.data.options)
+    d = cfg.data
+    return load_images(d.name, d.path, d.test_fraction, d.seed, d.layout, d.value_range, **d.options)
 
 
 def _held_out_bpd(denoiser, cfg: Config, n: int) -> dict:
