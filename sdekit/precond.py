@@ -11,6 +11,8 @@ Prediction types (what F's output means):
   v      v_hat   = F, with v = alpha eps - sigma x0   (Salimans & Ho 2022)
   score  score_hat = F
   edm    x0_hat  = c_skip x~ + c_out F, x~ = x_t / alpha  (Karras et al. 2022)
+
+`data_prediction` is Tweedie's formula, the x0 read-out of a score, for samplers that work with x0.
 """
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ from torch import Tensor, nn
 
 from .sde import SDE, broadcast_like, per_sample_t
 
-__all__ = ["PREDICTIONS", "Denoiser", "edm_coefficients", "resolve_sigma_data"]
+__all__ = ["PREDICTIONS", "Denoiser", "data_prediction", "edm_coefficients", "resolve_sigma_data"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "edm")
+
+
+def data_prediction(score: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Tweedie: E[x0 | x_t] = (x_t + sigma_t^2 score) / alpha_t. score, x: (B, *S); alpha, sigma: () or (B,)."""
+    return (x + broadcast_like(sigma**2, x) * score) / broadcast_like(alpha, x)
 
 
 def edm_coefficients(sigma: Tensor, sigma_data: float):

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..data import check_finite
-from ..sde import SDE, broadcast_like
+from ..precond import data_prediction
+from ..sde import SDE
 from .ddim import ddim
 from .dpm_solver import dpmpp_2m
 from .edm import edm
@@ -147,7 +148,7 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     if denoise:
         tb = ts[-1].expand(x.shape[0])
         alpha, sigma = sde.marginal(tb)
-        x = (x + broadcast_like(sigma**2, x) * counted(x, tb)) / broadcast_like(alpha, x)
+        x = data_prediction(counted(x, tb), x, alpha, sigma)                # Tweedie
     info["nfe"] = counted.nfe
     out = (x,)
     if return_trajectory:

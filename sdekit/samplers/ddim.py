@@ -14,15 +14,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..sde import SDE, broadcast_like
+from ..precond import data_prediction
+from ..sde import SDE
 from .noise import check_noise, step_noise
 
-__all__ = ["ddim", "data_prediction"]
-
-
-def data_prediction(score: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Tweedie: E[x0 | x_t] = (x_t + sigma_t^2 score) / alpha_t. alpha, sigma: () or (B,)."""
-    return (x + broadcast_like(sigma**2, x) * score) / broadcast_like(alpha, x)
+__all__ = ["ddim"]
 
 
 def ddim(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, generator: torch.Generator | None = None,

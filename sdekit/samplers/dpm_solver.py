@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..precond import data_prediction
 from ..sde import SDE
-from .ddim import data_prediction
 
 __all__ = ["dpmpp_2m"]
 

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..precond import data_prediction
 from ..sde import SDE
-from .ddim import data_prediction
 from .noise import check_noise, step_noise
 
 __all__ = ["edm"]
