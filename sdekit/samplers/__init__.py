@@ -34,7 +34,8 @@ class SamplerSpec:
     default_steps: int | None      # None: adaptive, steps are ignored
     default_grid: str | None = None  # None: the SDE's own default grid (sde.default_grid); else a grid the method is built on
     stochastic: bool = False
-    order: float | None = None     # nominal convergence order (deterministic samplers, or deterministic settings)
+    order: float | None = None     # declared convergence order (deterministic samplers, or deterministic settings);
+                                   # the accuracy report prints it beside the fitted slope, the tests check it
     noise_draws: Callable[[int, dict], int] = lambda steps, options: steps  # rows of `noise` for `steps` steps
 
 
