@@ -4,7 +4,8 @@ Every family maps parameters theta: (n, P) -- one row per sample, so that autogr
 per-sample gradients -- and a generator to samples z: (n, d). Continuous families sample by an
 explicit reparameterization z = g_theta(eps) with eps drawn from `generator` (so `rsample` is
 differentiable in theta); Gamma uses implicit reparameterization through torch's
-`Gamma.rsample`; Categorical is discrete and can only be used through its score.
+`Gamma.rsample`; Categorical and Bernoulli are discrete and can only be used through their score
+(their relaxations Concrete and RelaxedBernoulli are reparameterizable, at a bias).
 
     fam = make_family("laplace", d=4)
     theta = fam.theta0.expand(n, -1)          # (n, P)
@@ -24,7 +25,8 @@ from torch import Tensor
 from .relaxed import gumbel_noise, gumbel_softmax
 
 __all__ = ["Family", "GaussianDiag", "GaussianFull", "Laplace", "Logistic", "Exponential", "Gamma",
-           "Categorical", "Concrete", "FAMILIES", "CONTINUOUS", "make_family", "uniform_open"]
+           "Categorical", "Concrete", "Bernoulli", "RelaxedBernoulli", "FAMILIES", "CONTINUOUS", "DISCRETE",
+           "make_family", "uniform_open"]
 
 DTYPE = torch.float64
 
@@ -317,6 +319,77 @@ class Concrete(Categorical):
         return f"Concrete(K={self.d}, temperature={self.temperature}, hard={self.hard})"
 
 
+class Bernoulli(Family):
+    """d independent Bernoulli(sigmoid(logit_i)) as z in {0, 1}^d; theta = logits (d,). Not reparameterizable:
+    z = 1[u < p] is piecewise constant in the logits, so a path through the sample carries no gradient."""
+
+    name = "bernoulli"
+    reparameterizable = False
+    discrete = True
+
+    def __init__(self, d: int, logits: Tensor | None = None):
+        if logits is None:
+            logits = torch.linspace(-0.5, 1.0, d, dtype=DTYPE) if d > 1 else torch.tensor([0.25], dtype=DTYPE)
+        super().__init__(d, logits.to(DTYPE), [f"logit[{i}]" for i in range(d)])
+
+    def sample(self, theta, *, generator=None):
+        with torch.no_grad():
+            logits = self.check(theta).detach()
+            # z = 1 exactly when logit + logistic noise > 0, the event RelaxedBernoulli's hard sample uses
+            u = uniform_open(logits.shape, generator=generator, dtype=logits.dtype)
+            return (logits + torch.log(u) - torch.log1p(-u) > 0).to(logits.dtype)
+
+    def log_prob(self, theta, z):
+        logits = self.check(theta)
+        return (z * F.logsigmoid(logits) + (1 - z) * F.logsigmoid(-logits)).sum(-1)
+
+    def mean(self, theta):
+        return torch.sigmoid(theta)
+
+    def probs(self, theta: Tensor) -> Tensor:
+        return torch.sigmoid(theta)
+
+
+class RelaxedBernoulli(Bernoulli):
+    """Binary Concrete (Maddison et al. 2017): z = sigmoid((logit + log u - log(1 - u)) / temperature) in (0, 1).
+    hard=True gives the straight-through variant: forward 1[logit + logistic noise > 0], an exact Bernoulli
+    sample, with the relaxed sample's gradient. Both are biased for the Bernoulli expectation."""
+
+    name = "relaxed_bernoulli"
+    reparameterizable = True
+
+    def __init__(self, d: int, temperature: float = 0.5, hard: bool = False, logits: Tensor | None = None):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        super().__init__(d, logits)
+        self.temperature, self.hard = float(temperature), hard
+
+    def rsample(self, theta, *, generator=None):
+        logits = self.check(theta)
+        u = uniform_open(logits.shape, generator=generator, dtype=logits.dtype)
+        y = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.temperature)
+        if not self.hard:
+            return y
+        return (y > 0.5).to(y.dtype) + y - y.detach()
+
+    def sample(self, theta, *, generator=None):
+        with torch.no_grad():
+            return self.rsample(theta.detach(), generator=generator)
+
+    def log_prob(self, theta, z):
+        if self.hard:
+            raise ValueError("the straight-through relaxed Bernoulli sample has no density; use hard=False")
+        dist = torch.distributions.RelaxedBernoulli(torch.tensor(self.temperature, dtype=DTYPE),
+                                                    logits=self.check(theta), validate_args=False)
+        return dist.log_prob(z).sum(-1)
+
+    def mean(self, theta):
+        raise NotImplementedError("the relaxed Bernoulli has no closed-form mean")
+
+    def __repr__(self) -> str:
+        return f"RelaxedBernoulli(d={self.d}, temperature={self.temperature}, hard={self.hard})"
+
+
 FAMILIES: dict[str, Callable[..., Family]] = {
     "gaussian_diag": GaussianDiag,
     "gaussian_full": GaussianFull,
@@ -326,8 +399,11 @@ FAMILIES: dict[str, Callable[..., Family]] = {
     "gamma": Gamma,
     "categorical": Categorical,
     "concrete": Concrete,
+    "bernoulli": Bernoulli,
+    "relaxed_bernoulli": RelaxedBernoulli,
 }
 CONTINUOUS = ("gaussian_diag", "gaussian_full", "laplace", "logistic", "exponential", "gamma")
+DISCRETE = ("categorical", "bernoulli")
 
 
 def make_family(name: str, d: int, **kw) -> Family:
