@@ -33,6 +33,7 @@ _E = tuple(b5 - b4 for b5, b4 in zip(_B5, _B4))   # error estimate weights: y5 -
 
 
 def check_tolerances(rtol: float, atol: float, who: str) -> None:
+    """ValueError naming `who` unless rtol > 0 and atol >= 0 are finite numbers."""
     if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
         raise ValueError(f"{who}: rtol must be a finite number > 0, got {rtol!r}")
     if not (isinstance(atol, (int, float)) and atol >= 0 and math.isfinite(atol)):
