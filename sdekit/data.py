@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .checks import check_finite
 from .sde import SDE, _as_tensor
 
 __all__ = ["GaussianMixture", "ring", "grid", "two_moons", "swiss_roll", "checkerboard", "pinwheel",
@@ -225,11 +226,3 @@ def load_training_data(cfg) -> tuple[Tensor, Tensor | None, dict]:
     if cfg.hflip or cfg.dequantize or cfg.layout is not None or cfg.value_range is not None:
         raise ValueError(f"data.hflip, data.dequantize, data.layout and data.value_range apply to image data sets, not {cfg.name!r}")
     return load_dataset(cfg.name, cfg.n_train, cfg.seed, cfg.path, **cfg.options), None, {}
-
-
-def check_finite(x: Tensor, what: str) -> None:
-    """Raise ValueError naming `what` and the first bad index if x holds NaN or Inf."""
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{what} contains {int(bad.sum())} NaN/Inf value(s), first at index {first}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import check_finite
+from .checks import check_finite
 
 __all__ = ["ImageData", "IMAGE_DATASETS", "LAYOUTS", "LOADER_OPTIONS", "load_images", "load_digits", "load_npz", "load_image_folder",
            "split", "image_bin_width"]

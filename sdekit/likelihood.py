@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .data import check_finite
+from .checks import check_finite
 from .rng import draw
 from .samplers.noise import check_noise
 from .sde import SDE
