@@ -190,8 +190,6 @@ def test_no_import_cycles_between_top_level_modules_and_subpackages_at_import_ti
     _assert_acyclic(unit_graph(deferred=False))
 
 
-@pytest.mark.xfail(strict=True, reason="sdekit.data.load_dataset imports sdekit.images (in the function), "
-                                       "which imports sdekit.data.check_finite")
 def test_no_import_cycles_between_top_level_modules_and_subpackages():
     """Imports inside functions count too: a deferred import is still a dependency."""
     _assert_acyclic(unit_graph())
