@@ -1,7 +1,7 @@
 """Sample a trained run: `python sample.py --run runs/ring [sample.key=value ...]` (same as `sdekit sample`)."""
 import sys
 
-from sdekit.sampling_cli import main
+from sdekit.commands.sample import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Train a score model: `python train.py --config configs/ring.yaml [section.key=value ...]` (same as `sdekit train`)."""
 import sys
 
-from sdekit.training import main
+from sdekit.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -201,8 +201,8 @@ def plots(result: dict, out: Path) -> None:
         ax.tick_params(axis="x", rotation=45)
         _save(fig, out / "samplers.png")
         if smp.get("accuracy") and "rows" in smp["accuracy"]:
-            from sdekit.samplers.report import _plot
-            _plot(smp["accuracy"], out / "samplers_accuracy.png")
+            from sdekit.commands.samplers import plot
+            plot(smp["accuracy"], out / "samplers_accuracy.png")
     tr = result.get("training")
     if tr and any("steps_per_s" in r for r in tr["rows"]):
         rows = [r for r in tr["rows"] if "steps_per_s" in r]

@@ -6,11 +6,10 @@ test_fraction 0.2, split seed 0, as configs/digits*.yaml), so that its held-out 
 classifier's training data, from a fixed seed in about 10-20 s on 2 CPU cores, and cached per split under
 runs/classifier/ (safetensors + JSON with its held-out accuracy).
 
-    python -m sdekit.classifier            # train (or load the cached copy) and print the test accuracy
+    sdekit classifier            # train (or load the cached copy) and print the test accuracy
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -128,18 +127,3 @@ def digits_classifier(cache_dir: str | Path = "runs/classifier", progress: bool 
     tmp.replace(weights)
     atomic_write_text(record_path, json.dumps(record, indent=1))
     return model, record
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sdekit.classifier", description="Train (or load) the digits classifier.")
-    p.add_argument("--cache-dir", default="runs/classifier")
-    p.add_argument("--split-seed", type=int, default=None, help="data split seed (default 0, as the digits configs)")
-    p.add_argument("--test-fraction", type=float, default=None, help="held-out fraction (default 0.2)")
-    args = p.parse_args(argv)
-    _, record = digits_classifier(args.cache_dir, progress=True, split_seed=args.split_seed, test_fraction=args.test_fraction)
-    print(json.dumps(record, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,6 @@ are pure functions of (seed, s), drawn for the whole global batch and sliced per
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -19,7 +18,6 @@ import inspect
 import json
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from torch import Tensor, nn
 from ._imports import import_target
 from .checkpoint import (CheckpointError, FolderInUseError, atomic_write_text, folder_lock, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, prune_checkpoints, save_checkpoint)
-from .config import Config, ConfigError, ModelConfig, SDEConfig, from_dict, load_config, to_dict
+from .config import Config, ConfigError, ModelConfig, SDEConfig, from_dict, to_dict
 from .data import load_training_data
 from .images import image_bin_width
 from .losses import dsm_loss, sample_t
@@ -37,7 +35,7 @@ from .precond import Denoiser
 from .sde import SDE, make_sde
 
 __all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator", "KeyedDropout", "EMA", "launch_kwargs", "check_launch", "exclusive_folder", "train",
-           "load_trained", "resolve_checkpoint", "main"]
+           "load_trained", "resolve_checkpoint"]
 
 
 # --- building blocks from a config --------------------------------------------------------------------
@@ -298,7 +296,8 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     train.out_dir is locked for the run: a second run into it raises FolderInUseError naming it.
 
     Returns {'run_dir', 'step', 'checkpoint' (final, or None on non-main processes), 'loss' (last logged),
-    'model' (this process's trained network), 'ema' (EMA weights as a state dict)}.
+    'log' (the log.jsonl of the run: step, loss, lr), 'is_main_process', 'model' (this process's trained network),
+    'ema' (EMA weights as a state dict)}.
     """
     from accelerate import Accelerator
 
@@ -445,24 +444,9 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
             ckpt_path = save(done)
     bar.close()
     dropout.remove()
-    if accelerator.is_main_process and log_path.is_file():
-        _plot_loss(log_path, run_dir / "loss.png")
     return {"run_dir": str(run_dir), "step": tc.steps, "checkpoint": str(ckpt_path) if ckpt_path else None, "loss": last_loss,
+            "log": str(log_path), "is_main_process": accelerator.is_main_process,
             "model": accelerator.unwrap_model(net), "ema": ema.state_dict()}
-
-
-def _plot_loss(log_path: Path, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set(xlabel="step", ylabel="DSM loss", yscale="log", title="training loss")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def load_trained(path: str | Path, use_ema: bool = True, device="cpu") -> tuple[Denoiser, Config, Path]:
@@ -473,21 +457,3 @@ def load_trained(path: str | Path, use_ema: bool = True, device="cpu") -> tuple[
     denoiser = build_denoiser(cfg, tuple(state["data_shape"]))
     _load_weights(denoiser.net, groups["ema" if use_ema else "model"], str(ckpt))
     return denoiser.to(device).eval(), cfg, ckpt
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sdekit train", description="Train a denoising score-matching model.")
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--resume", help="checkpoint folder, or run folder (its newest valid checkpoint)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=2000")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result["checkpoint"]:
-        print(f"trained {result['step']} steps, final loss {result['loss']:.4f}; checkpoint {result['checkpoint']}")
-    return 0

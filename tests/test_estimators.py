@@ -133,8 +133,9 @@ def test_bounds():
 
 
 def test_cli_writes_tables_json_and_plots(tmp_path, capsys):
-    rc = est.main(["--out", str(tmp_path), "--n", "200", "--dims", "1", "2", "--failure-n", "2000",
-                   "--families", "gaussian_diag", "categorical", "bernoulli", "--objectives", "quadratic"])
+    from sdekit.commands.estimators import main
+    rc = main(["--out", str(tmp_path), "--n", "200", "--dims", "1", "2", "--failure-n", "2000",
+               "--families", "gaussian_diag", "categorical", "bernoulli", "--objectives", "quadratic"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| gaussian_diag | quadratic | 2 |" in out and "| bernoulli | quadratic | 1 |" in out

@@ -86,12 +86,12 @@ def _tiny_conditional_run(tmp_path, *extra):
 
 
 def _sample(run, out, *overrides, monkeypatch=None, capture=None):
-    from sdekit import sampling_cli
+    from sdekit.commands import sample as sample_command
     if capture is not None:
         def grid(images, path, nrow=10, title="", numbers=None):
             capture[path.name] = {"n": len(images), "nrow": nrow, "labels": (numbers or {}).get("labels")}
-        monkeypatch.setattr(sampling_cli, "save_image_grid", grid)
-    assert sampling_cli.main(["--run", str(run), "--no-progress", "--out", str(out), "sample.n_samples=40",
+        monkeypatch.setattr(sample_command, "save_image_grid", grid)
+    assert sample_command.main(["--run", str(run), "--no-progress", "--out", str(out), "sample.n_samples=40",
                               "sample.batch_size=40", "sample.sampler=ddim", "sample.steps=4", *overrides]) == 0
     return json.loads((out / "metrics.json").read_text())
 
@@ -129,9 +129,9 @@ def test_samples_png_has_one_column_per_class(tmp_path, monkeypatch, n_classes):
 def test_full_digits_config_reaches_the_stated_fd(tmp_path, config):
     """The whole configs/digits*.yaml run (minutes): conditional FD against the held-out split within 1.5x of fresh
     data's, no memorisation of the training set, class accuracy > 0.9 (_digits_quality_failures)."""
-    from sdekit import sampling_cli
+    from sdekit.commands import sample as sample_command
     cfg = load_config(ROOT / f"configs/{config}.yaml", [f"train.out_dir={tmp_path}"])
     train(cfg, progress=False)
-    assert sampling_cli.main(["--run", str(tmp_path), "--no-progress"]) == 0
+    assert sample_command.main(["--run", str(tmp_path), "--no-progress"]) == 0
     m = json.loads((tmp_path / "samples/metrics.json").read_text())
     assert _digits_quality_failures(m) == [], m

@@ -106,7 +106,8 @@ def test_bad_inputs_are_named():
 
 
 def test_cli_writes_table_json_and_plot(tmp_path, capsys):
-    assert ito.main(["--out", str(tmp_path), "--scale", "0.02"]) == 0
+    from sdekit.commands.ito import main
+    assert main(["--out", str(tmp_path), "--scale", "0.02"]) == 0
     assert "E[W_T^2]" in capsys.readouterr().out
     import json
     data = json.loads((tmp_path / "ito.json").read_text())

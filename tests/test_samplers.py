@@ -223,7 +223,7 @@ def test_samplers_report_cli(tmp_path):
     """`sdekit samplers` writes JSON, markdown and PNG covering every registered sampler; deterministic errors fall with NFE."""
     import json
 
-    from sdekit.cli import main
+    from sdekit.commands import main
 
     n = torch.get_num_threads()
     try:

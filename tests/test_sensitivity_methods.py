@@ -108,7 +108,7 @@ def test_diffrax_agrees_with_backprop():
 
 
 def test_report_cli_writes_table_json_and_plots(tmp_path, capsys):
-    from sdekit.sensitivity.report import main
+    from sdekit.commands.sensitivity import main
     assert main(["--problem", "ou", "--paths", "200", "--steps", "20", "--strong-paths", "50",
                  "--methods", "forward", "fd_crn", "score_function", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -34,7 +34,7 @@ def test_small_run_reaches_every_mode(tmp_path):
     assert (w - 0.25).abs().max() < 0.06, w
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
-    assert (tmp_path / "loss.png").is_file() and (tmp_path / "config.json").is_file()
+    assert (tmp_path / "config.json").is_file()
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -154,8 +154,8 @@ def _lock_holder(folder):
 
 
 def test_two_runs_into_one_folder_are_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
-    from sdekit import sampling_cli
-    from sdekit.training import main as train_main
+    from sdekit.commands.sample import main as sample_main
+    from sdekit.commands.train import main as train_main
     run = tmp_path / "run"
     args = ["--config", str(ROOT / "configs/ring.yaml"), "--no-progress", f"train.out_dir={run}", "model.options.hidden=16",
             "train.steps=2", "train.batch_size=16", "train.ckpt_every=2"]
@@ -172,10 +172,11 @@ def test_two_runs_into_one_folder_are_refused_and_a_dead_runs_lock_is_taken_over
     assert json.loads((run / ".lock").read_text())["pid"] == holder.pid
     assert train_main(args) == 0                                           # a dead owner's lock is taken over
     assert not (run / ".lock").exists() and list_checkpoints(run)
+    assert (run / "loss.png").stat().st_size > 1000                        # the command plots the run's loss log
     # sampling into a folder another sampler holds is refused the same way
     holder = _lock_holder(tmp_path / "samples")
     try:
-        assert sampling_cli.main(["--run", str(run), "--no-progress", "--out", str(tmp_path / "samples"),
+        assert sample_main(["--run", str(run), "--no-progress", "--out", str(tmp_path / "samples"),
                                   "sample.n_samples=10", "sample.batch_size=10", "sample.steps=2"]) == 2
         assert f"output folder {tmp_path / 'samples'} is in use" in capsys.readouterr().err
     finally:

@@ -10,8 +10,8 @@ import math
 import os
 from pathlib import Path
 
-from .compare import METHODS, run, strong_errors
-from .problems import PROBLEMS, make_problem
+from ..sensitivity.compare import METHODS, run, strong_errors
+from ..sensitivity.problems import PROBLEMS, make_problem
 
 __all__ = ["main", "format_table"]
 

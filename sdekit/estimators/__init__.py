@@ -2,8 +2,8 @@
 
 Pathwise (reparameterization) against score-function (REINFORCE, baselines, control variates)
 across reparameterizable families, with closed-form oracles; plus the pieces a VAE reuses
-(Gumbel-softmax, ELBO / IWAE bounds, safe scale parameterisations). `sdekit estimators` runs the
-variance comparison (see `report`).
+(Gumbel-softmax, ELBO / IWAE bounds, safe scale parameterisations). `sdekit estimators`
+(sdekit.commands.estimators) runs the variance comparison (see `report`).
 
     families   q_theta with flat parameters: Gaussian (diag, full), Laplace, Logistic, Exponential,
                Gamma, Categorical, Concrete, Bernoulli, RelaxedBernoulli
@@ -14,7 +14,7 @@ variance comparison (see `report`).
     relaxed    Gumbel noise and gumbel_softmax (straight-through option)
     bounds     elbo, iwae, iwae_curve
     scale      softplus_scale, clamped_logvar_scale
-    report     the `sdekit estimators` command: variance sweep, counter-cases, z-score summary, failures
+    report     variance sweep, counter-cases, z-score summary, failures, their tables (`sdekit estimators`)
 """
 from .bounds import elbo, iwae, iwae_curve
 from .failures import PathwiseCheck, check_pathwise, failure_modes
@@ -22,7 +22,7 @@ from .families import CONTINUOUS, DISCRETE, FAMILIES, Family, make_family
 from .gradients import ESTIMATORS, GradientEstimate, estimate_gradient, summarize
 from .oracles import NONSMOOTH, OBJECTIVES, Objective, exact_gradient, expectation, make_objective
 from .relaxed import gumbel_noise, gumbel_softmax
-from .report import (counter_cases, dimension_slopes, frequency_sweep, main, sinusoid_variances, variance_sweep,
+from .report import (counter_cases, dimension_slopes, frequency_sweep, sinusoid_variances, variance_sweep,
                      z_summary)
 from .scale import SCALES, clamped_logvar_scale, softplus_scale
 
@@ -33,5 +33,5 @@ __all__ = [
     "variance_sweep", "counter_cases", "dimension_slopes", "z_summary", "sinusoid_variances", "frequency_sweep",
     "ESTIMATORS", "GradientEstimate", "estimate_gradient", "summarize",
     "gumbel_noise", "gumbel_softmax", "elbo", "iwae", "iwae_curve",
-    "softplus_scale", "clamped_logvar_scale", "SCALES", "main",
+    "softplus_scale", "clamped_logvar_scale", "SCALES",
 ]

@@ -1,4 +1,4 @@
-"""`sdekit samplers`: accuracy per network evaluation of every sampler, on an exact Gaussian-mixture oracle.
+"""Accuracy per network evaluation of every sampler, on an exact Gaussian-mixture oracle (`run_report`).
 
 Deterministic samplers (probability-flow ODE solvers, ddim at eta=0, edm without churn) are compared
 with a float64 rk45 reference at rtol = atol = 1e-9 started from the same x_T: the error is the RMS
@@ -8,26 +8,22 @@ Stochastic samplers are compared with the mixture itself (diffused to t_min) by 
 Wasserstein distance; the distance between two exact sample sets of the same size is reported as
 the noise floor below which no sampler can be told apart from exact sampling.
 
-Writes samplers.json (config and rows: sampler, label, kind, steps, nfe, error, time_s, plus slopes and
-declared orders),
-samplers.md (the table) and samplers.png (log-log error against NFE) into --out.
+`run_report` returns the rows (sampler, label, kind, steps, nfe, error, time_s), the slopes and the declared
+orders; `sdekit samplers` (sdekit.commands.samplers) writes them as samplers.json, samplers.md (the table) and
+samplers.png (log-log error against NFE).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data import EXACT_MIXTURES, GaussianMixture
-from ..sde import SDES, make_sde
+from ..sde import make_sde
 from . import SAMPLERS, sample
 
-__all__ = ["main", "run_report", "default_mixture", "VARIANTS"]
+__all__ = ["run_report", "default_mixture", "VARIANTS"]
 
 # (label, sampler, options, kind): every registered sampler at least once.
 VARIANTS = [
@@ -120,84 +116,3 @@ def run_report(sde_name: str = "vp", nfes=(10, 20, 40, 80, 160, 320), batch: int
                             reference="rk45 float64 rtol=atol=1e-9 from the same x_T",
                             stochastic_metric="sliced Wasserstein (128 projections) to exact samples of p_{t_min}"),
                 rows=rows, slopes=slopes, orders=orders, sw_noise_floor=floor)
-
-
-def _markdown(result: dict) -> str:
-    lines = [f"# Sampler accuracy on an exact mixture oracle ({result['config']['sde']['name']} SDE)", "",
-             f"Deterministic: RMS error vs {result['config']['reference']}. "
-             f"Stochastic: {result['config']['stochastic_metric']}; exact-vs-exact floor "
-             f"{result['sw_noise_floor']:.4f}.", "",
-             "| sampler | kind | steps | NFE | error | time (s) |", "|---|---|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        steps = r["steps"] if r["steps"] is not None else f"rtol {r['options']['rtol']:.0e}"
-        lines.append(f"| {r['label']} | {r['kind']} | {steps} | {r['nfe']} | {r['error']:.3e} | {r['time_s']:.3f} |")
-    lines += ["", "| sampler | declared order | fitted slope of log error vs log NFE |", "|---|---:|---:|"]
-    for k, v in result["slopes"].items():
-        order = result["orders"].get(k)
-        lines.append(f"| {k} | {'n/a' if order is None else f'{order:g}'} | {'n/a' if v is None else f'{v:.2f}'} |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, kind in zip(axes, ("deterministic", "stochastic")):
-        labels = list(dict.fromkeys(r["label"] for r in result["rows"] if r["kind"] == kind))
-        for label in labels:
-            rs = [r for r in result["rows"] if r["label"] == label]
-            ax.loglog([r["nfe"] for r in rs], [r["error"] for r in rs], "o-", label=label, ms=3)
-        if kind == "stochastic":
-            ax.axhline(result["sw_noise_floor"], color="gray", ls="--", label="exact vs exact")
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("RMS error vs float64 rk45 reference" if kind == "deterministic" else "sliced Wasserstein to mixture")
-        ax.set_title(kind)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sdekit samplers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/samplers", help="output folder (default runs/samplers)")
-    p.add_argument("--sde", default="vp", choices=sorted(SDES), help="forward SDE (default vp)")
-    p.add_argument("--mixture", default="default", choices=["default", *sorted(EXACT_MIXTURES)], help="exact mixture oracle")
-    p.add_argument("--nfe", default="10,20,40,80,160,320", help="comma-separated NFE budgets (default 10,...,320)")
-    p.add_argument("--batch", type=int, default=256, help="x_T draws for deterministic samplers")
-    p.add_argument("--n-samples", type=int, default=4000, help="samples per stochastic run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    try:
-        nfes = tuple(int(v) for v in args.nfe.split(","))
-    except ValueError:
-        p.error(f"--nfe must be comma-separated integers, got {args.nfe!r}")
-    if any(n < 1 for n in nfes) or args.batch < 1 or args.n_samples < 2:
-        p.error("--nfe values and --batch must be >= 1, --n-samples >= 2")
-    # The oracle's work is tiny batched 2x2 algebra: thread hand-offs cost more than they save.
-    torch.set_num_threads(1)
-    result = run_report(args.sde, nfes, args.batch, args.n_samples, args.seed, args.mixture, progress=not args.quiet)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "samplers.json", json.dumps(result, indent=2))
-    _write_atomic(out / "samplers.md", _markdown(result))
-    _plot(result, out / "samplers.png")
-    print(_markdown(result))
-    print(f"wrote {out / 'samplers.json'}, {out / 'samplers.md'}, {out / 'samplers.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

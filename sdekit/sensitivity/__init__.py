@@ -9,7 +9,7 @@ adjoint        torchsde's `sdeint_adjoint` on the same Brownian increments (torc
 finite_diff    central differences, with and without common random numbers
 score_function likelihood-ratio (Girsanov) estimator for drift parameters
 problems       registry of test problems with closed forms where they exist
-compare        runs every method on one problem; report is the `sdekit sensitivity` command
+compare        runs every method on one problem (`sdekit sensitivity`, sdekit.commands.sensitivity, prints and plots it)
 """
 from ..solvers import SCHEMES, brownian_increments
 from .forward import forward
