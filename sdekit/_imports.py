@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXTRAS", "require", "missing_extra", "import_target"]
+__all__ = ["EXTRAS", "require", "pyplot", "missing_extra", "import_target"]
 
 # top-level package -> (what a person would call it, the extra that installs it)
 EXTRAS: dict[str, tuple[str, str]] = {
@@ -58,6 +58,15 @@ def require(module: str, feature: str) -> ModuleType:
         if missing not in EXTRAS or EXTRAS[missing][1] != EXTRAS[top][1]:
             raise
         raise missing_extra(top, feature) from e
+
+
+def pyplot(feature: str) -> ModuleType:
+    """matplotlib.pyplot drawing into files (the Agg backend, no display needed), or an ImportError naming [images].
+
+    feature: what the plot is, as the user would call it (e.g. "loss.png").
+    """
+    require("matplotlib", feature).use("Agg")
+    return require("matplotlib.pyplot", feature)
 
 
 def import_target(target: str):

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._imports import pyplot
+
 __all__ = ["frechet_distance", "features", "nearest_neighbour_distances", "memorisation", "evaluate_digits",
            "held_out_bits_per_dim", "save_image_grid", "class_grid_layout"]
 
@@ -202,9 +204,7 @@ def class_grid_layout(n: int, num_classes: int | None, max_shown: int = 100) -> 
 
 def save_image_grid(images: Tensor, path: str | Path, nrow: int = 10, title: str = "", numbers: dict | None = None) -> None:
     """Save images (N, C, H, W) in [-1, 1] as one PNG grid (nrow per row) and, beside it, a JSON of `numbers`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("an image grid")
 
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
     n, c, h, w = x.shape

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._imports import require
 from .checks import check_finite
 
 __all__ = ["ImageData", "IMAGE_DATASETS", "LAYOUTS", "LOADER_OPTIONS", "load_images", "load_digits", "load_npz", "load_image_folder",
@@ -59,7 +60,7 @@ def image_bin_width(n_levels: int | None) -> float:
 
 def load_digits() -> ImageData:
     """sklearn's digits: (1797, 1, 8, 8), values 0..16 scaled to [-1, 1], labels 0..9."""
-    from sklearn.datasets import load_digits as sk_digits
+    sk_digits = require("sklearn.datasets", "the digits data set").load_digits
 
     d = sk_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0

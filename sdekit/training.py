@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._imports import import_target
+from ._imports import import_target, require
 from .checkpoint import (CheckpointError, FolderInUseError, atomic_write_text, folder_lock, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, prune_checkpoints, save_checkpoint)
 from .config import Config, ConfigError, ModelConfig, SDEConfig, from_dict, to_dict
@@ -252,7 +252,7 @@ def launch_kwargs() -> dict:
     were started (torchrun or `accelerate launch` set WORLD_SIZE) on a machine without a GPU-like device, or when
     ACCELERATE_USE_CPU is set. accelerate joins CPU processes into one gloo group only when told cpu=True; without
     it each of them runs alone, as one process."""
-    from accelerate.utils import parse_flag_from_env
+    parse_flag_from_env = require("accelerate.utils", "sdekit train and sdekit sample").parse_flag_from_env
 
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
@@ -299,7 +299,7 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
     'log' (the log.jsonl of the run: step, loss, lr), 'is_main_process', 'model' (this process's trained network),
     'ema' (EMA weights as a state dict)}.
     """
-    from accelerate import Accelerator
+    Accelerator = require("accelerate", "sdekit train").Accelerator
 
     tc = cfg.train
     if tc.num_threads:

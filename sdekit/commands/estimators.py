@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .._imports import pyplot
 from ..estimators.families import CONTINUOUS, DISCRETE
 from ..estimators.gradients import ESTIMATORS
 from ..estimators.oracles import OBJECTIVES
@@ -26,9 +27,7 @@ __all__ = ["main", "plot"]
 
 def plot(rows: list[dict], bias_rows: list[dict], out: Path, failure_rows: list[dict] | None = None,
          freq_rows: list[dict] | None = None) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the estimators plots")
 
     fams = list(dict.fromkeys(r["family"] for r in rows))
     objs = list(dict.fromkeys(r["objective"] for r in rows))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .._imports import pyplot
 from ..ito import EXAMPLE_FUNCTIONS, ItoResult, run_all
 
 __all__ = ["main", "plot"]
@@ -43,9 +44,7 @@ def _to_json(obj):
 
 def plot(res: dict, path: Path) -> None:
     """Five panels: E[W_t^2], the two Riemann sums, GBM's E[log X_t], the drift of f(X), and the conversion."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("ito.png")
 
     fig, ax = plt.subplots(2, 3, figsize=(16, 9))
     ax = ax.ravel()

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .._imports import pyplot, require
 from ..checkpoint import CheckpointError, FolderInUseError, atomic_write_text
 from ..config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from ..data import EXACT_MIXTURES, load_dataset
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from accelerate import PartialState
+    PartialState = require("accelerate", "sdekit sample").PartialState
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -134,9 +135,7 @@ def _parse_compare(spec: str) -> list[tuple[str, int]]:
 
 def plot_toy(samples: Tensor, cfg: Config, path: Path, title: str = "") -> None:
     """Samples as points over the data density (exact log-density contours for mixtures, a histogram otherwise)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("samples.png")
 
     data = load_dataset(cfg.data.name, 20000, seed=cfg.data.seed + 303, **cfg.data.options)
     lim = float(data.abs().max()) * 1.15

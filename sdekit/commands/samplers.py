@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .._imports import pyplot
 from ..data import EXACT_MIXTURES
 from ..samplers.report import run_report
 from ..sde import SDES
@@ -37,9 +38,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("samplers.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, kind in zip(axes, ("deterministic", "stochastic")):

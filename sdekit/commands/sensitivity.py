@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 
+from .._imports import pyplot
 from ..sensitivity.compare import METHODS, run, strong_errors
 from ..sensitivity.problems import PROBLEMS, make_problem
 
@@ -41,9 +42,7 @@ def format_table(result: dict, max_params: int = 4) -> str:
 
 
 def _plots(result: dict, strong: dict | None, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the sensitivity plots")
 
     if strong is not None:
         fig, ax = plt.subplots(figsize=(5, 4))

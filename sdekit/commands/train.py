@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .._imports import pyplot
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, load_config
 from ..training import train
@@ -16,9 +17,7 @@ __all__ = ["main", "plot_loss"]
 
 def plot_loss(log_path: Path, out: Path) -> None:
     """The DSM loss of log.jsonl (one JSON object per line with 'step' and 'loss') against step, log scale, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("loss.png")
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(5, 3.2))
