@@ -61,23 +61,18 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
 
 
 def test_two_processes_match_one_process_with_dropout(tmp_path):
-    """Dropout masks follow the global batch's rows: 2 processes x 16 = 1 process x 32 = 1 x 2 accumulation x 16,
-    with dropout 0.3 in every residual block of a U-Net."""
+    """Dropout masks follow the global batch's rows: 2 processes x 16 = 1 process x 32, with dropout 0.3 in every
+    residual block of a U-Net (that dropout acts, and that micro-batches slice one draw, test_training.py checks)."""
     unet = ["--config", str(ROOT / "configs/digits.yaml"), "model.options.channels=8", "model.options.attn_resolutions=[]",
             "model.options.dropout=0.3", "train.steps=12", "train.batch_size=32", "train.ckpt_every=12", "train.warmup_steps=2"]
     _launch(2, WORKER, str(tmp_path / "two"), *unet)
     _launch(1, WORKER, str(tmp_path / "one"), *unet)
-    _launch(1, WORKER, str(tmp_path / "accum"), *unet, "train.grad_accum=2")
     two = load_file(str(tmp_path / "two/rank0.safetensors"))
     assert load_checkpoint(tmp_path / "two/checkpoints/step_00000012")[1]["world_size"] == 2
-    for other in ("two/rank1", "one/rank0", "accum/rank0"):
+    for other in ("two/rank1", "one/rank0"):
         ref = load_file(str(tmp_path / f"{other}.safetensors"))
         for k in two:
             torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"{other} differs from 2 processes in {k}")
-    none = load_file(str(tmp_path / "one/rank0.safetensors"))
-    _launch(1, WORKER, str(tmp_path / "plain"), *unet, "model.options.dropout=0.0")
-    plain = load_file(str(tmp_path / "plain/rank0.safetensors"))
-    assert (plain["out_conv.weight"] - none["out_conv.weight"]).abs().max() > 1e-4   # dropout did act
 
 
 def test_distributed_sampling_equals_single_process(tmp_path):
