@@ -3,10 +3,11 @@ Frechet distance (FD) and the judge of class accuracy for conditional samples (s
 
 Nothing is downloaded: the network is trained on the training split of the run being judged (by default
 test_fraction 0.2, split seed 0, as configs/digits*.yaml), so that its held-out images are never the
-classifier's training data, from a fixed seed in about 10-20 s on 2 CPU cores, and cached per split under
-runs/classifier/ (safetensors + JSON with its held-out accuracy).
+classifier's training data, from a fixed seed in about 10-20 s on 2 CPU cores, and cached per split in the
+folder the caller names (safetensors + JSON with its held-out accuracy); `sdekit sample` uses the run's own
+<run>/eval_cache/ (sdekit.sampling.eval_cache_dir), never the current directory.
 
-    sdekit classifier            # train (or load the cached copy) and print the test accuracy
+    sdekit classifier --run runs/digits       # train (or load the cached copy) and print the test accuracy
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((model(x).argmax(1) == y).double().mean())
 
 
-def digits_classifier(cache_dir: str | Path = "runs/classifier", progress: bool = False, split_seed: int | None = None,
+def digits_classifier(cache_dir: str | Path, progress: bool = False, split_seed: int | None = None,
                       test_fraction: float | None = None) -> tuple[DigitsClassifier, dict]:
     """The project's digits classifier and its record {'test_accuracy', settings...}, trained on the training split
     (split_seed, test_fraction; CLASSIFIER_SETTINGS' by default): loaded from cache_dir when a copy trained with

@@ -126,11 +126,12 @@ def _matched_size(pool_labels: Tensor, labels: Tensor, n: int) -> int:
 
 @torch.no_grad()
 def evaluate_digits(samples: Tensor, labels: Tensor | None = None, split_seed: int = 0, test_fraction: float = 0.2,
-                    cache_dir: str | Path = "runs/classifier") -> dict:
+                    *, cache_dir: str | Path) -> dict:
     """FD of samples (N, 1, 8, 8) against the digits held-out split and against the training split, each with its
     reference at n = min(N, n_test) (module docstring); memorisation against the training split; class accuracy
     when labels (N,) are the classes the samples were conditioned on (pass None for unconditional samples,
-    which get the class histogram only)."""
+    which get the class histogram only). The classifier is trained on the training split once and cached in
+    cache_dir (for a run: sdekit.sampling.eval_cache_dir)."""
     from .classifier import digits_classifier
     from .images import load_images
 

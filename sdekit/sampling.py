@@ -10,6 +10,7 @@ Frechet distance against the held-out and the training split and class accuracy 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ from .metrics import mmd, mode_weight_error, mode_weights, sliced_wasserstein
 from .guidance import guided_score
 from .samplers import sample
 
-__all__ = ["draw_samples", "gather_batches", "evaluate_toy", "evaluate_images", "image_splits", "held_out_bpd",
+__all__ = ["draw_samples", "gather_batches", "evaluate_toy", "eval_cache_dir", "evaluate_images", "image_splits", "held_out_bpd",
            "sample_labels", "conditioning_labels"]
 
 
@@ -119,10 +120,20 @@ def evaluate_toy(samples: Tensor, cfg: Config) -> dict:
     return metrics
 
 
-def evaluate_images(samples: Tensor, labels: Tensor | None, cfg: Config) -> dict:
+def eval_cache_dir(checkpoint: str | Path) -> Path:
+    """The folder where evaluations of a run cache what they train (the digits classifier): <run>/eval_cache,
+    beside the run's checkpoints/ (a checkpoint is <run>/checkpoints/step_*; one kept elsewhere caches beside
+    itself). Derived from the run, so that an evaluation never writes into the current directory by accident."""
+    checkpoint = Path(checkpoint)
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return run / "eval_cache"
+
+
+def evaluate_images(samples: Tensor, labels: Tensor | None, cfg: Config, cache_dir: str | Path) -> dict:
     """Digits: classifier FD against both splits, memorisation, and class accuracy when labels (the classes the
-    samples were conditioned on) are given (sdekit.image_metrics); other image sets: range statistics and
-    memorisation (nearest-neighbour distances to the training split against the held-out split's)."""
+    samples were conditioned on) are given (sdekit.image_metrics; the classifier is cached in cache_dir, for a
+    run `eval_cache_dir(checkpoint)`); other image sets: range statistics and memorisation (nearest-neighbour
+    distances to the training split against the held-out split's)."""
     finite = torch.isfinite(samples).flatten(1).all(1)
     out = {"n_samples": samples.shape[0], "non_finite_samples": int((~finite).sum()),
            "mean": float(samples[finite].mean()), "std": float(samples[finite].std())}
@@ -131,7 +142,8 @@ def evaluate_images(samples: Tensor, labels: Tensor | None, cfg: Config) -> dict
     if cfg.data.name == "digits" and tuple(samples.shape[1:]) == (1, 8, 8):
         from .image_metrics import evaluate_digits
 
-        out.update(evaluate_digits(samples, labels, split_seed=cfg.data.seed, test_fraction=cfg.data.test_fraction))
+        out.update(evaluate_digits(samples, labels, split_seed=cfg.data.seed, test_fraction=cfg.data.test_fraction,
+                                   cache_dir=cache_dir))
         return out
     from .image_metrics import memorisation
 

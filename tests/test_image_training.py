@@ -99,7 +99,9 @@ def _sample(run, out, *overrides, monkeypatch=None, capture=None):
 def test_class_accuracy_is_reported_only_for_conditional_sampling(tmp_path, monkeypatch):
     """At guidance 0 the sampler is the unconditional model exactly and never sees the labels: no class accuracy
     against them (and no labels under the grid); at guidance 1 it is reported."""
-    monkeypatch.chdir(tmp_path)   # the digits classifier is cached under ./runs/classifier
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     run = _tiny_conditional_run(tmp_path)
     shown = {}
     uncond = _sample(run, tmp_path / "g0", "sample.guidance=0", monkeypatch=monkeypatch, capture=shown)
@@ -107,6 +109,9 @@ def test_class_accuracy_is_reported_only_for_conditional_sampling(tmp_path, monk
     assert shown["samples.png"]["labels"] is None
     cond = _sample(run, tmp_path / "g1", "sample.guidance=1")
     assert 0 <= cond["class_accuracy"] <= 1
+    # the classifier is cached with the run (trained once for both), never in the current directory
+    assert len(list((run / "eval_cache").glob("digits_*.safetensors"))) == 1
+    assert list(cwd.iterdir()) == []
 
 
 @pytest.mark.parametrize("n_classes", [3, 12])

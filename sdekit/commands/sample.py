@@ -5,8 +5,9 @@ data; an image grid for images, one column per class for class-conditional sampl
 numbers with their reference values) and config.json (the resolved config). For images the metrics hold
 the memorisation measure (nearest-neighbour distances to the training split against the held-out split's,
 sdekit.image_metrics.memorisation); for digits also the classifier Frechet distance against the held-out
-and the training split, and class accuracy when sampling is conditional (guidance != 0); `--bpd N` adds
-bits/dim on N held-out images, `--compare heun:10,dpmpp_2m:10` a grid (PNG + JSON) per sampler and step count.
+and the training split, and class accuracy when sampling is conditional (guidance != 0), with the classifier
+cached in the run folder's eval_cache/ (sdekit.sampling.eval_cache_dir); `--bpd N` adds bits/dim on N held-out
+images, `--compare heun:10,dpmpp_2m:10` a grid (PNG + JSON) per sampler and step count.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from ..checkpoint import CheckpointError, FolderInUseError, atomic_write_text
 from ..config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from ..data import EXACT_MIXTURES, load_dataset
 from ..image_metrics import class_grid_layout, save_image_grid
-from ..sampling import (conditioning_labels, draw_samples, evaluate_images, evaluate_toy, gather_batches, held_out_bpd,
-                        sample_labels)
+from ..sampling import (conditioning_labels, draw_samples, eval_cache_dir, evaluate_images, evaluate_toy, gather_batches,
+                        held_out_bpd, sample_labels)
 from ..training import check_launch, exclusive_folder, launch_kwargs, load_trained
 
 __all__ = ["main", "plot_toy"]
@@ -92,7 +93,7 @@ def _sample_into(out: Path, args, state, denoiser, cfg: Config, ckpt: Path, data
         plot_toy(samples, cfg, out / "samples.png", title=f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}")
     elif len(data_shape) == 3:
         used = conditioning_labels(labels, timing.get("guidance"))
-        metrics.update(evaluate_images(samples, used, cfg))
+        metrics.update(evaluate_images(samples, used, cfg, eval_cache_dir(ckpt)))
         title = f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}" + (f", guidance {timing['guidance']:g}" if labels is not None else "")
         n_classes = getattr(denoiser.net, "num_classes", None)
         shown, ncol = class_grid_layout(len(samples), None if used is None else n_classes)
@@ -105,7 +106,7 @@ def _sample_into(out: Path, args, state, denoiser, cfg: Config, ckpt: Path, data
             lab = None if labels is None else sample_labels(denoiser, args.compare_n)
             x, info = draw_samples(denoiser, denoiser.sde, c, data_shape, progress=False, labels=lab)
             lab = conditioning_labels(lab, info.get("guidance"))
-            numbers = {"sampler": name, "steps": steps, **info, **evaluate_images(x, lab, c)}
+            numbers = {"sampler": name, "steps": steps, **info, **evaluate_images(x, lab, c, eval_cache_dir(ckpt))}
             shown, ncol = class_grid_layout(len(x), None if lab is None else n_classes)
             save_image_grid(x[:shown], out / f"grid_{name}_nfe{info['nfe_per_sample']}.png", nrow=ncol,
                             title=f"{name}, {steps} steps, NFE {info['nfe_per_sample']}", numbers=numbers)
