@@ -12,13 +12,13 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "sdekit"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 SOLVERS = f"{PACKAGE}.solvers"
 SOLVERS_MAY_IMPORT = {f"{PACKAGE}.sde"}          # the SDE definitions: the only sdekit module below the solvers
+COMMANDS = f"{PACKAGE}.commands"                 # the command layer: argparse, printing, plots
+COMMAND_ONLY = ("argparse", "matplotlib")        # what only the command layer imports when it is imported
 
 
 @dataclass(frozen=True)
@@ -193,3 +193,18 @@ def test_no_import_cycles_between_top_level_modules_and_subpackages_at_import_ti
 def test_no_import_cycles_between_top_level_modules_and_subpackages():
     """Imports inside functions count too: a deferred import is still a dependency."""
     _assert_acyclic(unit_graph())
+
+
+def test_only_the_command_layer_imports_argparse_or_matplotlib_at_import_time():
+    """Outside sdekit/commands no module imports argparse or matplotlib when it is imported (a plot in the library
+    imports matplotlib when it is drawn, through sdekit._imports.pyplot)."""
+    assert any(unit(i.module) == COMMANDS and i.target == "argparse" and i.at_import_time for i in IMPORTS)
+    bad = [str(i) for i in IMPORTS
+           if unit(i.module) != COMMANDS and i.at_import_time and i.target.partition(".")[0] in COMMAND_ONLY]
+    assert not bad, "argparse or matplotlib imported outside the command layer:\n" + "\n".join(bad)
+
+
+def test_the_library_never_imports_the_command_layer():
+    """The commands sit on top: no module outside sdekit/commands imports them, not even inside a function."""
+    bad = [str(i) for i in IMPORTS if unit(i.module) != COMMANDS and unit(i.target) == COMMANDS]
+    assert not bad, "the library imports the command layer:\n" + "\n".join(bad)

@@ -22,12 +22,28 @@ OPTIONAL = ("jax", "diffrax", "lineax", "torchsde", "matplotlib", "sklearn", "ac
 
 
 def test_import_sdekit_loads_no_optional_package():
-    """In a fresh interpreter, `import sdekit` (and the public names of the API contract) import none of the extras."""
+    """In a fresh interpreter, `import sdekit` (and the public names of the API contract) import none of the extras
+    and nothing of the command layer (sdekit.commands: argparse, printing, plots)."""
     code = ("import sys, sdekit\n"
             "from sdekit import sensitivity, simulate, sample\n"
-            f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules))")
+            f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('sdekit.commands')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
+
+
+def test_pyplot_draws_into_files_or_names_the_extra(monkeypatch):
+    import matplotlib
+
+    from sdekit._imports import pyplot
+
+    matplotlib.use("svg")                                    # another non-interactive backend, chosen before
+    assert pyplot("a plot").get_backend().lower() == "agg"
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # as if not installed
+    with pytest.raises(ImportError, match=r"^loss.png needs matplotlib: pip install 'sdekit\[images\]'$"):
+        pyplot("loss.png")
 
 
 @pytest.mark.parametrize("module, feature, message", [
