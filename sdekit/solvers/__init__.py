@@ -8,10 +8,14 @@ _tracing    traces a step once into straight-line aten code (a detail of `simula
 """
 from .brownian import brownian_increments, chunk_steps, normal_chunks
 from .dopri import dopri5
-from .schemes import (SCHEMES, STRONG_ORDER, Field, Scheme, check_diagonal_noise, check_inputs, euler_step,
-                      get_scheme, heun_step, milstein_step, step_map)
+from .schemes import (NOISE_TYPES, SCHEMES, STRONG_ORDER, Field, Scheme, check_additive_noise, check_diagonal_noise,
+                      check_inputs, euler_heun_step, euler_step, g_prod, get_scheme, heun_step, init_state, inverse_map,
+                      ito_correction, ito_to_stratonovich, midpoint_step, milstein_step, reversible_heun_step, srk_step,
+                      step_map, stratonovich_to_ito)
 from .simulation import per_step, simulate
 
-__all__ = ["simulate", "SCHEMES", "Scheme", "STRONG_ORDER", "Field", "get_scheme", "step_map", "euler_step", "milstein_step",
-           "heun_step", "check_inputs", "check_diagonal_noise", "brownian_increments", "normal_chunks", "chunk_steps",
+__all__ = ["simulate", "SCHEMES", "Scheme", "STRONG_ORDER", "NOISE_TYPES", "Field", "get_scheme", "step_map", "inverse_map",
+           "init_state", "g_prod", "euler_step", "milstein_step", "srk_step", "euler_heun_step", "heun_step", "midpoint_step",
+           "reversible_heun_step", "ito_correction", "ito_to_stratonovich", "stratonovich_to_ito", "check_inputs",
+           "check_diagonal_noise", "check_additive_noise", "brownian_increments", "normal_chunks", "chunk_steps",
            "per_step", "dopri5"]

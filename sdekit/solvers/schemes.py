@@ -1,46 +1,121 @@
-"""One-step maps of the discrete schemes, their registry, and the input checks their solvers share.
+"""One-step maps of the SDE schemes, their registry, the Ito/Stratonovich conversion and the input checks.
 
-A scheme's step is a plain function `step(f, g, t, h, x, theta, dW) -> x_next` that is a differentiable
-function of (x, theta); `SCHEMES` registers each under its name with the calculus it solves in
-(`sde_type`: Euler-Maruyama and Milstein converge to the Ito solution, stochastic Heun to the
-Stratonovich one) and its strong order. These maps are the only definition of the schemes: the primal solver
-`sdekit.simulate` runs them (traced once into straight-line code when no gradient is needed),
-forward sensitivities are their Jacobian-vector products and backprop their vector-Jacobian products,
-so every method differentiates exactly the map the primal solver runs.
+The SDE is dX = f(t, X, theta) dt + g(t, X, theta) dW with W an m-dimensional Brownian motion. Noise types
+(torchsde's names and shapes; x is (B, d)):
 
-Diagonal noise: g(t, x, theta) -> (B, d) and component i is driven by dW_i alone. As in torchsde's
-"diagonal" noise type, g_i may depend on x_i only; the Milstein correction relies on it.
-Steps may go backwards in time (h < 0, e.g. reverse-time samplers): the Brownian increments are
-then those of the reverse-time motion, whose quadratic variation over a step is |h|.
+    noise        g(t, x, theta)   dW, levy_area   g . dW
+    "diagonal"   (B, d)           (B, d)          g * dW        (g_i may depend on x_i only, as in torchsde)
+    "scalar"     (B, d, 1)        (B, 1)          g[..., 0] * dW
+    "additive"   (B, d, m)        (B, m)          g @ dW        (g does not depend on x)
+    "general"    (B, d, m)        (B, m)          g @ dW
+
+Schemes, the calculus each converges to, and strong orders (E|X_N - X(T)| = O(h^order)) per noise type
+(a blank: refused with a ValueError that names the alternatives):
+
+    scheme            sde_type        diagonal  scalar  additive  general   extra input / state
+    euler             ito             0.5       0.5     1.0       0.5
+    milstein          ito             1.0       1.0     1.0       -         (general needs Levy areas)
+    srk               ito             1.5       1.5     1.5       -         space-time Levy area H
+    euler_heun        stratonovich    1.0       1.0     1.0       0.5
+    heun              stratonovich    1.0       1.0     1.0       0.5
+    midpoint          stratonovich    1.0       1.0     1.0       0.5
+    reversible_heun   stratonovich    1.0       1.0     1.0       0.5       state (x, z, f(z), g(z)); exact inverse
+
+srk is Rossler's (2010) stochastic Runge-Kutta: SRA1 for additive noise and SRID2 for diagonal and scalar
+noise, the tableaus torchsde uses. The orders are the slopes measured in tests/test_sde_schemes.py on
+problems with closed forms or fine references on the same Brownian path (each within 0.2 of the table).
+A Stratonovich scheme solves an Ito SDE when given the Stratonovich drift: `ito_to_stratonovich(f, g, noise)`.
+
+Step maps. Every registered step has the signature
+
+    step(f, g, t, h, y, theta, dW, H=None, *, noise="diagonal") -> y_next
+
+  t, h    0-d tensors: the step goes from t to t + h (h < 0 on decreasing grids);
+  y       the scheme's state: x (B, d) itself, or for a stateful scheme a tuple whose first entry is x
+          (`Scheme.state_names`; reversible_heun: (x, z, f(t, z), g(t, z))), made by `Scheme.init`;
+  dW      (B, m) the Brownian increment over the step;
+  H       (B, m) the space-time Levy area over the step, used by schemes with `Scheme.needs_levy_area`
+          (srk) and ignored by the others. In torchsde's convention: with U = int_t^{t+|h|} (W_s - W_t) ds
+          (`BrownianInterval(..., levy_area_approximation="space-time")(ta, tb, return_U=True)` returns
+          (dW, U)), H = U / |h| - dW / 2, which is N(0, |h|/12) and independent of dW.
+  milstein also takes dg=: dg_i/dx_i (B, d) for diagonal noise, replacing the JVP of g it otherwise takes.
+
+Steps are differentiable functions of (y, theta). `Scheme.inverse(f, g, t, h, y_next, theta, dW, H, noise=)`,
+where a scheme has one, returns the state at t from the state at t + h (the same t, h, dW as the forward step).
+`step_map` binds the fields and flattens the state into a positional map for solvers and tracing:
+
+    (t, h, *state, dW, [H if needs_levy_area], theta) -> state     (theta last: solvers hold it fixed)
+
+which for the stateless schemes without Levy area is today's (t, h, x, dW, theta) -> x.
+
+Reverse time (decreasing grids, h < 0): drift terms take the signed h and stage times t + c h; the noise
+terms take the increments of the reverse-time Brownian motion, whose quadratic variation over a step is |h|
+(sqrt(|h|), I_kk = (dW^2 - |h|) / 2, H ~ N(0, |h|/12)). That is the forward scheme in s = -t applied to
+dX = -f(-s, X) ds + g dW(s), so every scheme keeps its order in both directions.
+
+These maps are the only definition of the schemes: the primal solver `sdekit.simulate` runs them (traced
+once into straight-line code when no gradient is needed), forward sensitivities are their Jacobian-vector
+products and backprop their vector-Jacobian products.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["euler_step", "milstein_step", "heun_step", "Scheme", "SCHEMES", "STRONG_ORDER", "get_scheme", "step_map",
-           "check_inputs", "check_diagonal_noise"]
+__all__ = ["NOISE_TYPES", "euler_step", "milstein_step", "srk_step", "euler_heun_step", "heun_step", "midpoint_step",
+           "reversible_heun_step", "reversible_heun_init", "reversible_heun_inverse", "Scheme", "SCHEMES",
+           "STRONG_ORDER", "get_scheme", "step_map", "inverse_map", "init_state", "g_prod", "ito_correction",
+           "ito_to_stratonovich", "stratonovich_to_ito", "check_inputs", "check_diagonal_noise", "check_additive_noise",
+           "check_noise_structure", "check_finite"]
 
 Field = Callable[[Tensor, Tensor, Tensor], Tensor]
+NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
 
 
-def euler_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor, dW: Tensor) -> Tensor:
-    """Euler-Maruyama (Ito): x + f h + g dW."""
-    return x + f(t, x, theta) * h + g(t, x, theta) * dW
+# --- noise products -------------------------------------------------------------------------------------
+def g_prod(g: Tensor, v: Tensor, noise: str) -> Tensor:
+    """g . v for the noise type: g * v (diagonal), g[..., 0] * v (scalar), g @ v (additive, general): (B, d)."""
+    if noise == "diagonal":
+        return g * v
+    if noise == "scalar":
+        return g[..., 0] * v
+    return torch.matmul(g, v.unsqueeze(-1)).squeeze(-1)
+
+
+def _column(g: Field, noise: str) -> Field:
+    """The diffusion as a (B, d) field: g itself (diagonal) or its only column (scalar)."""
+    return g if noise == "diagonal" else (lambda t, x, th: g(t, x, th)[..., 0])
+
+
+# --- Ito schemes ----------------------------------------------------------------------------------------
+def euler_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor, dW: Tensor, H: Tensor | None = None,
+               *, noise: str = "diagonal") -> Tensor:
+    """Euler-Maruyama (Ito): x + f h + g . dW."""
+    if noise == "diagonal":
+        return x + f(t, x, theta) * h + g(t, x, theta) * dW
+    return x + f(t, x, theta) * h + g_prod(g(t, x, theta), dW, noise)
 
 
 def milstein_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor, dW: Tensor,
-                  dg: Field | None = None) -> Tensor:
-    """Milstein (Ito, diagonal noise): x + f h + g dW + 1/2 g_i dg_i/dx_i (dW_i^2 - |h|).
+                  H: Tensor | None = None, *, noise: str = "diagonal", dg: Field | None = None) -> Tensor:
+    """Milstein (Ito): x + f h + g . dW + 1/2 (dg/dx g) (dW^2 - |h|) for diagonal and scalar noise.
 
-    g_i dg_i/dx_i is one JVP of g along the direction g itself ((dg/dx) g, whose i-th entry is
-    g_i dg_i/dx_i for diagonal noise), or g * dg(t, x, theta) when dg = dg_i/dx_i (B, d) is given;
-    being a function of (x, theta) like the rest of the step, its x- and theta-derivatives enter the
-    sensitivities consistently.
+    Diagonal: the correction is g_i dg_i/dx_i, one JVP of g along g itself ((dg/dx) g, whose i-th entry is
+    g_i dg_i/dx_i for diagonal noise), or g * dg(t, x, theta) when dg = dg_i/dx_i (B, d) is given.
+    Scalar: (d b/dx) b for the single column b = g[..., 0] (one JVP), times dW^2 - |h| (B, 1).
+    Additive: dg/dx = 0, so the step is Euler's (strong order 1 on additive noise).
+    General noise needs the Levy areas int dW_j dW_k (j != k) and is refused by `Scheme.check_noise`.
     """
+    if noise == "additive":
+        return x + f(t, x, theta) * h + g_prod(g(t, x, theta), dW, noise)
+    if noise == "scalar":
+        col = _column(g, noise)
+        b = col(t, x, theta)
+        _, bdb = torch.func.jvp(lambda y: col(t, y, theta), (x,), (b,))
+        return x + f(t, x, theta) * h + b * dW + 0.5 * bdb * (dW * dW - h.abs())
     gx = g(t, x, theta)
     if dg is not None:
         gdg = gx * dg(t, x, theta)
@@ -49,41 +124,215 @@ def milstein_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Te
     return x + f(t, x, theta) * h + gx * dW + 0.5 * gdg * (dW * dW - h.abs())
 
 
-def heun_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor, dW: Tensor) -> Tensor:
+# Rossler (2010) tableaus: SRA1 (additive noise) and SRID2 (diagonal noise), as in torchsde.
+_SRA1 = dict(c0=(0.0, 3 / 4), c1=(1.0, 0.0), a0=((), (3 / 4,)), b0=((), (3 / 2,)), alpha=(1 / 3, 2 / 3),
+             beta1=(1.0, 0.0), beta2=(-1.0, 1.0))
+_SRID2 = dict(c0=(0.0, 1.0, 1 / 2, 0.0), c1=(0.0, 1 / 4, 1.0, 1 / 4),
+              a0=((), (1.0,), (1 / 4, 1 / 4), (0.0, 0.0, 0.0)), a1=((), (1 / 4,), (1.0, 0.0), (0.0, 0.0, 1 / 4)),
+              b0=((), (0.0,), (1.0, 1 / 2), (0.0, 0.0, 0.0)), b1=((), (-1 / 2,), (1.0, 0.0), (2.0, -1.0, 1 / 2)),
+              alpha=(1 / 6, 1 / 6, 2 / 3, 0.0), beta1=(-1.0, 4 / 3, 2 / 3, 0.0), beta2=(1.0, -4 / 3, 1 / 3, 0.0),
+              beta3=(2.0, -4 / 3, -2 / 3, 0.0), beta4=(-2.0, 5 / 3, -2 / 3, 1.0))
+
+
+def srk_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor, dW: Tensor, H: Tensor | None = None,
+             *, noise: str = "diagonal") -> Tensor:
+    """Rossler's stochastic Runge-Kutta (Ito): SRA1 for additive noise, SRID2 for diagonal and scalar noise.
+
+    Needs the space-time Levy area H over the step; J = dW/2 + H is torchsde's I_k0 / |h|, the time
+    integral of the Brownian path over the step divided by its length.
+    """
+    if H is None:
+        raise ValueError("scheme 'srk' needs the space-time Levy area H of every step (pass levy_area= with dW, "
+                         "or bm=, or neither to draw both)")
+    J = 0.5 * dW + H
+    if noise == "additive":
+        T = _SRA1
+        g1, g0 = g(t + T["c1"][0] * h, x, theta), g(t + T["c1"][1] * h, x, theta)      # g at t + h and at t
+        f0 = f(t + T["c0"][0] * h, x, theta)
+        x1 = x + (T["a0"][1][0] * h) * f0 + g_prod(g1, T["b0"][1][0] * J, noise)
+        f1 = f(t + T["c0"][1] * h, x1, theta)
+        return (x + (T["alpha"][0] * h) * f0 + g_prod(g1, T["beta1"][0] * dW + T["beta2"][0] * J, noise)
+                + (T["alpha"][1] * h) * f1 + g_prod(g0, T["beta1"][1] * dW + T["beta2"][1] * J, noise))
+    T = _SRID2
+    col = _column(g, noise)
+    habs = h.abs()
+    sqrt_h = habs.sqrt()
+    I_kk = 0.5 * (dW * dW - habs)
+    I_kkk = (dW * dW * dW - 3 * habs * dW) / 6
+    fs, gs = [], []
+    out = x
+    for s in range(4):
+        H0, H1 = x, x
+        for j in range(s):
+            if T["a0"][s][j]:
+                H0 = H0 + (T["a0"][s][j] * h) * fs[j]
+            if T["b0"][s][j]:
+                H0 = H0 + T["b0"][s][j] * gs[j] * J
+            if T["a1"][s][j]:
+                H1 = H1 + (T["a1"][s][j] * h) * fs[j]
+            if T["b1"][s][j]:
+                H1 = H1 + (T["b1"][s][j] * sqrt_h) * gs[j]
+        fs.append(f(t + T["c0"][s] * h, H0, theta) if T["alpha"][s] or s < 3 else None)
+        gs.append(col(t + T["c1"][s] * h, H1, theta))
+        weight = T["beta1"][s] * dW + T["beta2"][s] * I_kk / sqrt_h + T["beta3"][s] * J + T["beta4"][s] * I_kkk / habs
+        if T["alpha"][s]:
+            out = out + (T["alpha"][s] * h) * fs[s]
+        out = out + gs[s] * weight
+    return out
+
+
+# --- Stratonovich schemes -------------------------------------------------------------------------------
+def euler_heun_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor, dW: Tensor,
+                    H: Tensor | None = None, *, noise: str = "diagonal") -> Tensor:
+    """Euler-Heun (Stratonovich): Euler in the drift, the trapezoidal rule in the noise.
+
+    x' = x + g . dW, x + f h + (g + g(t + h, x')) . dW / 2.
+    """
+    gdw = g_prod(g(t, x, theta), dW, noise)
+    gdw1 = g_prod(g(t + h, x + gdw, theta), dW, noise)
+    return x + f(t, x, theta) * h + 0.5 * (gdw + gdw1)
+
+
+def heun_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor, dW: Tensor, H: Tensor | None = None,
+              *, noise: str = "diagonal") -> Tensor:
     """Stochastic Heun: converges to the **Stratonovich** solution of dX = f dt + g o dW.
 
-    Predictor x~ = x + f h + g dW, corrector x + (f + f~) h/2 + (g + g~) dW/2. To approximate an Ito
-    SDE with it, pass the Stratonovich drift f - 1/2 g dg/dx.
+    Predictor x~ = x + f h + g . dW, corrector x + (f + f~) h/2 + (g + g~) . dW/2. To approximate an Ito
+    SDE with it, pass the Stratonovich drift (`ito_to_stratonovich`).
     """
     f0, g0 = f(t, x, theta), g(t, x, theta)
-    x_pred = x + f0 * h + g0 * dW
     t1 = t + h
-    return x + 0.5 * (f0 + f(t1, x_pred, theta)) * h + 0.5 * (g0 + g(t1, x_pred, theta)) * dW
+    if noise == "diagonal":
+        x_pred = x + f0 * h + g0 * dW
+        return x + 0.5 * (f0 + f(t1, x_pred, theta)) * h + 0.5 * (g0 + g(t1, x_pred, theta)) * dW
+    gdw = g_prod(g0, dW, noise)
+    x_pred = x + f0 * h + gdw
+    return x + 0.5 * (f0 + f(t1, x_pred, theta)) * h + 0.5 * (gdw + g_prod(g(t1, x_pred, theta), dW, noise))
+
+
+def midpoint_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor, dW: Tensor,
+                  H: Tensor | None = None, *, noise: str = "diagonal") -> Tensor:
+    """Stochastic midpoint (Stratonovich): x' = x + f h/2 + g . dW/2 at t + h/2, then x + f' h + g' . dW."""
+    half = 0.5 * h
+    x_mid = x + f(t, x, theta) * half + 0.5 * g_prod(g(t, x, theta), dW, noise)
+    t_mid = t + half
+    return x + f(t_mid, x_mid, theta) * h + g_prod(g(t_mid, x_mid, theta), dW, noise)
+
+
+def reversible_heun_init(f: Field, g: Field, t0: Tensor, x0: Tensor, theta: Tensor, *,
+                         noise: str = "diagonal") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The state (x, z, f(t0, z), g(t0, z)) with z = x0."""
+    return x0, x0, f(t0, x0, theta), g(t0, x0, theta)
+
+
+def reversible_heun_step(f: Field, g: Field, t: Tensor, h: Tensor, y: tuple, theta: Tensor, dW: Tensor,
+                         H: Tensor | None = None, *, noise: str = "diagonal") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reversible Heun (Stratonovich; Kidger, Foster, Li, Lyons 2021), algebraically reversible.
+
+    State (x, z, fz, gz), fz and gz the fields at (t, z):
+        z1 = 2 x - z + fz h + gz . dW,   f1, g1 = f(t + h, z1), g(t + h, z1),
+        x1 = x + (fz + f1) h/2 + (gz + g1) . dW/2.
+    One evaluation of f and g per step. `reversible_heun_inverse` recovers the state exactly in exact arithmetic.
+    """
+    x, z, fz, gz = y
+    z1 = 2 * x - z + fz * h + g_prod(gz, dW, noise)
+    t1 = t + h
+    f1, g1 = f(t1, z1, theta), g(t1, z1, theta)
+    x1 = x + (fz + f1) * (0.5 * h) + g_prod(gz + g1, 0.5 * dW, noise)
+    return x1, z1, f1, g1
+
+
+def reversible_heun_inverse(f: Field, g: Field, t: Tensor, h: Tensor, y1: tuple, theta: Tensor, dW: Tensor,
+                            H: Tensor | None = None, *, noise: str = "diagonal") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The state at t from the state y1 at t + h that `reversible_heun_step(.., t, h, .., dW)` returned:
+        z = 2 x1 - z1 - f1 h - g1 . dW,   fz, gz = f(t, z), g(t, z),   x = x1 - (fz + f1) h/2 - (gz + g1) . dW/2.
+    """
+    x1, z1, f1, g1 = y1
+    z = 2 * x1 - z1 - f1 * h - g_prod(g1, dW, noise)
+    fz, gz = f(t, z, theta), g(t, z, theta)
+    x = x1 - (fz + f1) * (0.5 * h) - g_prod(gz + g1, 0.5 * dW, noise)
+    return x, z, fz, gz
+
+
+# --- the registry ---------------------------------------------------------------------------------------
+_GENERAL_ALTERNATIVES = ("use a scheme that needs no Levy areas for general noise: 'euler' (Ito), or 'euler_heun', "
+                         "'heun', 'midpoint', 'reversible_heun' (Stratonovich; `ito_to_stratonovich` converts the drift)")
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """A registered scheme: its one-step map and what it converges to (calling the scheme calls its step).
+    """A registered scheme: its one-step map, what it converges to, and what it needs (calling it calls `step`).
 
-    sde_type: "ito" or "stratonovich", the solution the scheme converges to (a Stratonovich scheme solves
-    an Ito SDE when given the Stratonovich drift f - 1/2 g dg/dx). strong_order: the rate of
-    E|X_T - X(T)| in the step size for diagonal noise, the noise these steps take.
+    step: `step(f, g, t, h, y, theta, dW, H=None, *, noise=...) -> y_next` (module docstring).
+    sde_type: "ito" or "stratonovich", the solution the scheme converges to.
+    orders: strong order per supported noise type; the keys are the noise types the scheme accepts.
+    needs_levy_area: the step reads the space-time Levy area H of each step (srk).
+    init: `init(f, g, t0, x0, theta, *, noise=) -> state` for a stateful scheme (None: the state is x itself);
+    state_names: the entries of the state, x first (what `step_map` flattens).
+    inverse: `inverse(f, g, t, h, y_next, theta, dW, H=None, *, noise=) -> y`, the exact inverse of step, or None.
+    refused: noise type -> why the scheme refuses it (the error text names the alternatives).
+    contract: noise types whose structure the step relies on (diagonal: g_i reads x_i only; additive: g reads
+    no x), checked once per solve by `check_noise_structure`.
     """
 
     step: Callable[..., Tensor]
     sde_type: str
-    strong_order: float
+    orders: Mapping[str, float]
+    needs_levy_area: bool = False
+    init: Callable | None = None
+    state_names: tuple[str, ...] = ("x",)
+    inverse: Callable | None = None
+    refused: Mapping[str, str] = field(default_factory=dict)
+    contract: tuple[str, ...] = ()
 
-    def __call__(self, *args, **kwargs) -> Tensor:
+    def __call__(self, *args, **kwargs):
         return self.step(*args, **kwargs)
+
+    @property
+    def strong_order(self) -> float:
+        """The strong order for diagonal noise (the default noise type)."""
+        return self.orders["diagonal"]
+
+    @property
+    def noise_types(self) -> tuple[str, ...]:
+        return tuple(self.orders)
+
+    @property
+    def stateful(self) -> bool:
+        return self.init is not None
+
+    def order(self, noise: str) -> float:
+        self.check_noise(noise)
+        return self.orders[noise]
+
+    def check_noise(self, noise: str, name: str = "this scheme") -> None:
+        """ValueError unless the scheme accepts the noise type (the message says why not and what to use)."""
+        if noise not in NOISE_TYPES:
+            raise ValueError(f"unknown noise {noise!r}; expected one of {list(NOISE_TYPES)}")
+        if noise not in self.orders:
+            why = self.refused.get(noise, f"it supports {list(self.orders)}")
+            raise ValueError(f"scheme {name!r} does not support noise={noise!r}: {why}")
 
 
 SCHEMES: dict[str, Scheme] = {
-    "euler": Scheme(euler_step, "ito", 0.5),
-    "milstein": Scheme(milstein_step, "ito", 1.0),
-    "heun": Scheme(heun_step, "stratonovich", 1.0),     # order 1 for commutative (e.g. diagonal) noise
+    "euler": Scheme(euler_step, "ito", {"diagonal": 0.5, "scalar": 0.5, "additive": 1.0, "general": 0.5}),
+    "milstein": Scheme(milstein_step, "ito", {"diagonal": 1.0, "scalar": 1.0, "additive": 1.0},
+                       refused={"general": "Milstein's correction for general (non-commutative) noise needs the Levy "
+                                           "areas int dW_j dW_k (j != k), which it does not take; " + _GENERAL_ALTERNATIVES},
+                       contract=("diagonal", "additive")),
+    "srk": Scheme(srk_step, "ito", {"diagonal": 1.5, "scalar": 1.5, "additive": 1.5}, needs_levy_area=True,
+                  refused={"general": "Rossler's SRA1/SRID2 tableaus cover additive, diagonal and scalar noise only "
+                                      "(general noise needs Levy areas int dW_j dW_k); " + _GENERAL_ALTERNATIVES},
+                  contract=("diagonal", "additive")),
+    "euler_heun": Scheme(euler_heun_step, "stratonovich",
+                         {"diagonal": 1.0, "scalar": 1.0, "additive": 1.0, "general": 0.5}),
+    "heun": Scheme(heun_step, "stratonovich", {"diagonal": 1.0, "scalar": 1.0, "additive": 1.0, "general": 0.5}),
+    "midpoint": Scheme(midpoint_step, "stratonovich", {"diagonal": 1.0, "scalar": 1.0, "additive": 1.0, "general": 0.5}),
+    "reversible_heun": Scheme(reversible_heun_step, "stratonovich",
+                              {"diagonal": 1.0, "scalar": 1.0, "additive": 1.0, "general": 0.5},
+                              init=reversible_heun_init, state_names=("x", "z", "f", "g"), inverse=reversible_heun_inverse),
 }
-STRONG_ORDER = {name: s.strong_order for name, s in SCHEMES.items()}   # a view of SCHEMES
+STRONG_ORDER = {name: s.strong_order for name, s in SCHEMES.items()}   # a view of SCHEMES (diagonal noise)
 
 
 def get_scheme(name: str) -> Scheme:
@@ -93,22 +342,139 @@ def get_scheme(name: str) -> Scheme:
     return SCHEMES[name]
 
 
-def step_map(scheme: str, f: Field, g: Field, dg: Field | None = None) -> Callable[..., Tensor]:
-    """The scheme's map with the fields bound: (t, h, x, dW, theta) -> x_next (theta last, as solvers hold it fixed)."""
-    step = get_scheme(scheme).step
-    if scheme == "milstein" and dg is not None:
-        return lambda t, h, x, dw, th: milstein_step(f, g, t, h, x, th, dw, dg)
-    return lambda t, h, x, dw, th: step(f, g, t, h, x, th, dw)
+def step_map(scheme: str, f: Field, g: Field, dg: Field | None = None, *, noise: str = "diagonal") -> Callable:
+    """The scheme's map with the fields bound and the state flattened:
+    (t, h, *state, dW, [H if the scheme needs Levy area], theta) -> state (a tensor, or a tuple for stateful schemes).
+    dg (milstein on diagonal noise only; ignored by the other schemes) is dg_i/dx_i (B, d)."""
+    sch = get_scheme(scheme)
+    sch.check_noise(noise, scheme)
+    step = sch.step
+    if dg is not None and scheme == "milstein":             # other schemes ignore dg
+        if noise != "diagonal":
+            raise ValueError(f"dg (dg_i/dx_i, (B, d)) is an option of milstein on diagonal noise; with noise={noise!r} "
+                             "leave it out (the correction is a JVP of g)")
+        return lambda t, h, x, dw, th: milstein_step(f, g, t, h, x, th, dw, dg=dg)
+    if noise == "diagonal" and not sch.stateful and not sch.needs_levy_area:
+        return lambda t, h, x, dw, th: step(f, g, t, h, x, th, dw)          # today's map, unchanged
+    k = len(sch.state_names)
+    if sch.needs_levy_area:
+        if sch.stateful:
+            return lambda t, h, *a: step(f, g, t, h, a[:k], a[-1], a[k], a[k + 1], noise=noise)
+        return lambda t, h, x, dw, H, th: step(f, g, t, h, x, th, dw, H, noise=noise)
+    if sch.stateful:
+        return lambda t, h, *a: step(f, g, t, h, a[:k], a[-1], a[k], noise=noise)
+    return lambda t, h, x, dw, th: step(f, g, t, h, x, th, dw, noise=noise)
+
+
+def inverse_map(scheme: str, f: Field, g: Field, *, noise: str = "diagonal") -> Callable:
+    """The flattened inverse, (t, h, *state_next, dW, [H], theta) -> state at t; ValueError if the scheme has none."""
+    sch = get_scheme(scheme)
+    sch.check_noise(noise, scheme)
+    if sch.inverse is None:
+        raise ValueError(f"scheme {scheme!r} is not algebraically reversible; "
+                         f"{[n for n, s in SCHEMES.items() if s.inverse is not None]} are")
+    k, lev = len(sch.state_names), int(sch.needs_levy_area)
+    inv = sch.inverse
+
+    def run(t, h, *a):
+        y = a[:k] if sch.stateful else a[0]
+        return inv(f, g, t, h, y, a[-1], a[k], a[k + 1] if lev else None, noise=noise)
+    return run
+
+
+def init_state(scheme: str, f: Field, g: Field, t0: Tensor, x0: Tensor, theta: Tensor, *, noise: str = "diagonal"):
+    """The scheme's state at (t0, x0): x0 itself, or the tuple `Scheme.init` makes (x0 first)."""
+    sch = get_scheme(scheme)
+    return x0 if sch.init is None else tuple(sch.init(f, g, t0, x0, theta, noise=noise))
+
+
+# --- Ito <-> Stratonovich -------------------------------------------------------------------------------
+def ito_correction(g: Field, noise: str = "diagonal") -> Field:
+    """c(t, x, theta) = 1/2 sum_{j,k} g_kj d_k g_ij (B, d): Ito drift = Stratonovich drift + c.
+
+    By JVPs of g, never a Jacobian: diagonal, one JVP of g along g ((dg/dx) g = g_i dg_i/dx_i under the diagonal
+    contract); scalar, one JVP of the column b along b; general, one JVP of g along each column g_j (vmapped),
+    of which column j is kept; additive, zero.
+    """
+    if noise not in NOISE_TYPES:
+        raise ValueError(f"unknown noise {noise!r}; expected one of {list(NOISE_TYPES)}")
+    if noise == "additive":
+        return lambda t, x, th: torch.zeros_like(x)
+    if noise in ("diagonal", "scalar"):
+        col = _column(g, noise)
+
+        def c(t, x, th):
+            b = col(t, x, th)
+            return 0.5 * torch.func.jvp(lambda y: col(t, y, th), (x,), (b,))[1]
+        return c
+
+    def c_general(t, x, th):
+        G = g(t, x, th)                                                        # (B, d, m)
+        jvp = lambda v: torch.func.jvp(lambda y: g(t, y, th), (x,), (v,))[1]  # noqa: E731  (B, d, m)
+        D = torch.func.vmap(jvp)(G.movedim(-1, 0))                             # (m, B, d, m): D[j] = (dg/dx) g_j
+        return 0.5 * D.diagonal(dim1=0, dim2=-1).sum(-1)                       # sum_j D[j][..., j]
+    return c_general
+
+
+def ito_to_stratonovich(f: Field, g: Field, noise: str = "diagonal") -> Field:
+    """The Stratonovich drift of the Ito SDE dX = f dt + g dW: f - 1/2 sum_{j,k} g_kj d_k g_ij (f itself for additive noise)."""
+    if noise == "additive":
+        ito_correction(g, noise)
+        return f
+    c = ito_correction(g, noise)
+    return lambda t, x, th: f(t, x, th) - c(t, x, th)
+
+
+def stratonovich_to_ito(f: Field, g: Field, noise: str = "diagonal") -> Field:
+    """The Ito drift of the Stratonovich SDE dX = f dt + g o dW: f + 1/2 sum_{j,k} g_kj d_k g_ij."""
+    if noise == "additive":
+        ito_correction(g, noise)
+        return f
+    c = ito_correction(g, noise)
+    return lambda t, x, th: f(t, x, th) + c(t, x, th)
+
+
+# --- input checks ---------------------------------------------------------------------------------------
+def _transformed() -> bool:
+    """Inside vmap/grad no value can be branched on; solvers that vmap check before they do."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def check_finite(name: str, v: Tensor) -> None:
+    """ValueError naming `name` and the first non-finite index unless every entry of v is finite."""
+    if _transformed() or v is None:
+        return
+    v = v.detach()
+    if torch.isfinite(v.sum()):                  # one pass, no temporary of v's size; NaN and inf survive a sum
+        return
+    flat = v.reshape(-1)
+    for start in range(0, flat.numel(), 1 << 16):              # locate in blocks (an overflowing sum finds none)
+        bad = ~torch.isfinite(flat[start:start + (1 << 16)])
+        if not bad.any():
+            continue
+        idx = tuple(int(i) for i in torch.unravel_index(start + bad.nonzero()[0, 0], v.shape))
+        raise ValueError(f"{name} must be finite, but {name}[{', '.join(map(str, idx))}] = {v.detach()[idx].item()}")
+
+
+def _noise_shape_text(noise: str) -> str:
+    return {"diagonal": "g -> (B, d) and dW (N, B, d)", "scalar": "g -> (B, d, 1) and dW (N, B, 1)",
+            "additive": "g -> (B, d, m) and dW (N, B, m)", "general": "g -> (B, d, m) and dW (N, B, m)"}[noise]
 
 
 def check_inputs(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor | None, scheme: str,
-                 save: str = "end") -> None:
-    """Raise early, naming the bad input, unless the shapes fit x0 (B, d), theta (P,), ts (N+1,), dW (N, B, d) (or None)."""
-    get_scheme(scheme)
+                 save: str = "end", *, noise: str = "diagonal", levy_area: Tensor | None = None) -> int:
+    """Raise early, naming the bad input, unless x0 (B, d), theta (P,), ts (N+1,), f -> (B, d) and g, dW
+    (or None) and levy_area (or None) have the shapes of the noise type; returns m, the noise dimension.
+
+    Also refuses non-finite x0, theta, ts, dW, levy_area, a scheme that does not take the noise type, and (for
+    schemes that rely on it) a g that breaks the diagonal or additive contract.
+    """
+    sch = get_scheme(scheme)
+    sch.check_noise(noise, scheme)
     if save not in ("path", "end"):
         raise ValueError(f"unknown save {save!r}; expected 'path' or 'end'")
-    for name, v in (("x0", x0), ("theta", theta), ("ts", ts), ("dW", dW)):
-        if v is None and name == "dW":
+    for name, v in (("x0", x0), ("theta", theta), ("ts", ts), ("dW", dW), ("levy_area", levy_area)):
+        if v is None and name in ("dW", "levy_area"):
             continue
         if not isinstance(v, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
@@ -120,44 +486,83 @@ def check_inputs(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: 
         raise ValueError(f"theta must be (P,), got shape {tuple(theta.shape)}")
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(f"ts must be (N+1,) with N >= 1, got shape {tuple(ts.shape)}")
+    for name, v in (("x0", x0), ("theta", theta), ("ts", ts)):
+        check_finite(name, v)
     steps = ts[1:] - ts[:-1]
     if not ((steps > 0).all() or (steps < 0).all()):
         raise ValueError("ts must be strictly monotone (increasing, or decreasing for reverse-time solves)")
     N = ts.shape[0] - 1
-    if dW is not None and dW.shape != (N, *x0.shape):
-        raise ValueError(f"dW must be (N, B, d) = ({N}, {x0.shape[0]}, {x0.shape[1]}) for ts of length {N + 1} "
-                         f"and x0 of shape {tuple(x0.shape)}, got {tuple(dW.shape)}")
-    dtypes = {x0.dtype, theta.dtype, ts.dtype} | ({dW.dtype} if dW is not None else set())
+    B, d = x0.shape
+    tensors = {"x0": x0, "theta": theta, "ts": ts, "dW": dW, "levy_area": levy_area}
+    dtypes = {v.dtype for v in tensors.values() if v is not None}
     if len(dtypes) != 1:
-        raise TypeError(f"x0, theta, ts and dW must share one dtype, got x0 {x0.dtype}, theta {theta.dtype}, "
-                        f"ts {ts.dtype}, dW {None if dW is None else dW.dtype}")
-    if scheme == "milstein":
-        check_diagonal_noise(g, ts[0], x0, theta, scheme)
+        raise TypeError("x0, theta, ts, dW and levy_area must share one dtype, got "
+                        + ", ".join(f"{k} {None if v is None else v.dtype}" for k, v in tensors.items()))
     with torch.no_grad():
-        for name, fn in (("f", f), ("g", g)):
-            out = fn(ts[0], x0[:1], theta)
-            if not isinstance(out, Tensor) or out.shape != x0[:1].shape:
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"{name}(t, x, theta) must return x's shape (B, d) (diagonal noise for g); "
-                                 f"for x of shape {tuple(x0[:1].shape)} it returned {got}")
+        out = f(ts[0], x0[:1], theta)
+        if not isinstance(out, Tensor) or out.shape != x0[:1].shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"f(t, x, theta) must return x's shape (B, d); for x of shape {tuple(x0[:1].shape)} it "
+                             f"returned {got}")
+        gout = g(ts[0], x0[:1], theta)
+    got = tuple(gout.shape) if isinstance(gout, Tensor) else type(gout).__name__
+    if noise == "diagonal":
+        if not isinstance(gout, Tensor) or gout.shape != (1, d):
+            hint = (" (a (B, d, m) g is noise='general', or 'additive' if it does not depend on x, or 'scalar' if m = 1)"
+                    if isinstance(gout, Tensor) and gout.ndim == 3 else "")
+            raise ValueError(f"g(t, x, theta) must return (B, d) for noise='diagonal' ({_noise_shape_text(noise)}); "
+                             f"for x of shape {(1, d)} it returned {got}{hint}")
+        m = d
+    else:
+        want = "(B, d, 1)" if noise == "scalar" else "(B, d, m)"
+        if (not isinstance(gout, Tensor) or gout.ndim != 3 or gout.shape[:2] != (1, d)
+                or (noise == "scalar" and gout.shape[2] != 1)):
+            hint = " (a (B, d) g is noise='diagonal')" if isinstance(gout, Tensor) and gout.shape == (1, d) else ""
+            raise ValueError(f"g(t, x, theta) must return {want} for noise={noise!r} ({_noise_shape_text(noise)}); "
+                             f"for x of shape {(1, d)} it returned {got}{hint}")
+        m = gout.shape[2]
+    for name, v in (("dW", dW), ("levy_area", levy_area)):
+        if v is not None and v.shape != (N, B, m):
+            raise ValueError(f"{name} must be (N, B, {'d' if noise == 'diagonal' else 'm' if noise != 'scalar' else '1'}) = "
+                             f"({N}, {B}, {m}) for noise={noise!r} ({_noise_shape_text(noise)}), ts of length {N + 1} "
+                             f"and x0 of shape {tuple(x0.shape)}; got {tuple(v.shape)}")
+    if levy_area is not None and not sch.needs_levy_area:
+        raise ValueError(f"levy_area is read by schemes that need it ({[n for n, s in SCHEMES.items() if s.needs_levy_area]}), "
+                         f"not by {scheme!r}")
+    for name, v in (("dW", dW), ("levy_area", levy_area)):
+        if v is not None:
+            check_finite(name, v)
+    check_noise_structure(g, ts[0], x0, theta, scheme, noise)
+    return m
+
+
+def check_noise_structure(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme: str, noise: str) -> None:
+    """The diagonal or additive contract, where the scheme relies on it (`Scheme.contract`)."""
+    if noise in get_scheme(scheme).contract:
+        (check_diagonal_noise if noise == "diagonal" else check_additive_noise)(g, t, x0, theta, scheme)
+
+
+def _directions(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Two fixed, irregular direction fields in [0.5, 1.5) shaped like x (no random draw: this may run under vmap)."""
+    k = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device).reshape(x.shape)
+    u, w = ((k * c).frac().add(0.5).to(x.dtype) for c in (0.6180339887498949, 0.41421356237309515))
+    return u, w
 
 
 def check_diagonal_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme: str, samples: int = 4) -> None:
     """Raise ValueError unless g_i(t, x, theta) depends on x_i only, at the first `samples` rows of x0.
 
     The Jacobian dg/dx is diagonal exactly when its products with any two directions u, w satisfy
-    (J u) w = (J w) u elementwise, so two JVPs test it whatever d is. u and w are fixed, irregular
-    sequences in [0.5, 1.5) (no random draw: this may run under vmap).
+    (J u) w = (J w) u elementwise, so two JVPs test it whatever d is.
     """
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return          # inside vmap/grad no value can be branched on; solvers that vmap check before they do
+    if _transformed():
+        return
     x = x0[:samples].detach()
     th = theta.detach()
-    k = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device).reshape(x.shape)
-    u, w = ((k * c).frac().add(0.5).to(x.dtype) for c in (0.6180339887498949, 0.41421356237309515))
-    field = lambda y: g(t.detach(), y, th)                 # noqa: E731
-    ju = torch.func.jvp(field, (x,), (u,))[1]
-    jw = torch.func.jvp(field, (x,), (w,))[1]
+    u, w = _directions(x)
+    field_ = lambda y: g(t.detach(), y, th)                # noqa: E731
+    ju = torch.func.jvp(field_, (x,), (u,))[1]
+    jw = torch.func.jvp(field_, (x,), (w,))[1]
     lhs, rhs = ju * w, jw * u
     bad = (lhs - rhs).abs() > 1e3 * torch.finfo(x.dtype).eps * (lhs.abs() + rhs.abs())
     if bad.any():
@@ -165,5 +570,24 @@ def check_diagonal_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme:
         raise ValueError(
             f"scheme {scheme!r} needs diagonal noise: g_i(t, x, theta) may depend on x_i only (its correction "
             f"term is g_i dg_i/dx_i), but g_{i} changes with other components of x (sample {b} of x0). "
-            "Use 'euler' or 'heun', which accept such a g.")
+            "Use noise='general' with g returning the (B, d, d) matrix diag(g), or 'euler' or 'heun', which accept "
+            "such a g with noise='diagonal'.")
 
+
+def check_additive_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme: str, samples: int = 4) -> None:
+    """Raise ValueError unless g(t, x, theta) does not depend on x (two JVPs at the first `samples` rows of x0)."""
+    if _transformed():
+        return
+    x = x0[:samples].detach()
+    th = theta.detach()
+    field_ = lambda y: g(t.detach(), y, th)                # noqa: E731
+    gx = field_(x)
+    scale = 1e3 * torch.finfo(x.dtype).eps * (gx.abs().max() + 1)
+    for u in _directions(x):
+        ju = torch.func.jvp(field_, (x,), (u,))[1]
+        if (ju.abs() > scale).any():
+            b = int((ju.abs() > scale).nonzero()[0][0])
+            raise ValueError(
+                f"scheme {scheme!r} relies on additive noise, but g(t, x, theta) changes with x (sample {b} of x0). "
+                "Use noise='general' (or 'diagonal' / 'scalar' if g has that shape), which this scheme takes "
+                "with its correction terms, or a scheme that accepts any g for general noise ('euler', 'heun').")
