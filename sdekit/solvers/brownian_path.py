@@ -240,17 +240,18 @@ class VirtualBrownianTree(BrownianPath):
     """A Brownian motion on [t0, t1] that can be queried at any time, from a seed, in pure torch.
 
     W is built by bisection: the root draws W(t1) - W(t0) (and, with levy_area, its space-time Levy area H),
-    and each interval [s, u] splits at its midpoint by the Brownian bridge given the parent's (W, H), the
-    normals of a node coming from a generator seeded by (seed, depth, index) alone. The value at any time is
-    therefore a fixed function of the seed, whatever was queried before or in which order (torchsde's
-    BrownianTree has the same property; its BrownianInterval depends on the query order). Bisection stops at
-    intervals of width `tol` (default (t1 - t0) 2^-30); inside such a leaf W is the bridge's conditional mean
-    given the leaf's (W, H) (linear without Levy area), so steps much wider than tol see Brownian statistics
-    (the variance of an increment of length h is short by at most tol / h relative).
+    and each interval [s, u] splits at its midpoint by the Brownian bridge given its (W, H), the normals of a
+    split coming from a generator seeded by (seed, depth, index) alone. The value at any time is therefore a
+    fixed function of the seed, whatever was queried before or in which order (torchsde's BrownianTree has the
+    same property; its BrownianInterval depends on the query order). Bisection stops at intervals of width
+    `tol` (default (t1 - t0) 2^-26); inside such a leaf W is the conditional mean given the leaf's (W, H)
+    (linear without Levy area), so steps much wider than tol see Brownian statistics (the variance of an
+    increment of length h is short by at most tol / h relative). Times on the dyadic grid of a coarser level
+    (e.g. k / 2^10 on [0, 1]) stop at that level.
 
-    shape: (B, m). generator: draws the seed (one draw); or give seed. Node values are computed in float64
-    and returned in `dtype`; a cache keeps the recently visited nodes (up to cache_mib), so neighbouring
-    queries (a solve's consecutive steps) cost only the levels where they part.
+    shape: (B, m). generator: draws the seed (one draw); or give seed. Values are computed in float64 and
+    returned in `dtype` (the normals are drawn in `dtype`); a cache keeps recently visited nodes (up to
+    cache_mib), so neighbouring queries (a solve's consecutive steps) cost only the levels where they part.
     """
 
     anytime = True
@@ -270,79 +271,98 @@ class VirtualBrownianTree(BrownianPath):
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
         self.levy_area = bool(levy_area)
         span = t1 - t0
-        tol = span * 2.0**-30 if tol is None else float(tol)
+        tol = span * 2.0**-26 if tol is None else float(tol)
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
         self.depth = max(1, math.ceil(math.log2(span / tol)))
         self.tol = span / 2**self.depth
-        node_bytes = 4 * 8 * max(1, math.prod(self.shape))
-        self._cache_size = max(2 * self.depth + 8, int(cache_mib * 2**20 / node_bytes))
-        self._cache: "OrderedDict[tuple[int, int], tuple[Tensor, ...]]" = OrderedDict()
+        self._k = 4 if self.levy_area else 2                 # a node's state: (W(s), [I(s)], W, [H]) over the node
+        self._numel = max(1, math.prod(self.shape))
+        self._cache_size = max(4 * self.depth + 8, int(cache_mib * 2**20 / (8 * self._k * self._numel)))
+        self._cache: "OrderedDict[tuple[int, int], Tensor]" = OrderedDict()
+        self._split: dict[int, Tensor] = {}
         self._gen = torch.Generator(device=self.device)
 
     def _normals(self, k: int, *key: int) -> Tensor:
         self._gen.manual_seed(_mix(self.seed, *key))
-        z = torch.randn((k, *self.shape), generator=self._gen, dtype=self.dtype, device=self.device)
+        z = torch.randn((k, self._numel), generator=self._gen, dtype=self.dtype, device=self.device)
         return z.double()
 
-    def _node(self, depth: int, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(W(s), I(s), W over the node, H over the node) for node `index` at `depth` (float64)."""
+    def _split_matrix(self, depth: int) -> Tensor:
+        """The linear map (parent state, normals) -> (left state, right state) for a parent at `depth`.
+
+        With Levy area, rows (W(s), I(s), W, H) of the left then the right child over columns (W(s), I(s), W, H,
+        z0, z1), h the parent's width: the bridge at the midpoint gives each half W ~ N(0, h/2) and H ~ N(0, h/24),
+        independent:  W_L = W/2 + 3H/2 + sqrt(h)/4 z0,  H_L, H_R = H/4 - sqrt(h)/8 z0 +- sqrt(h)/(4 sqrt 3) z1,
+        W_R = W - W_L, and at the midpoint W(s) + W_L and I(s) + (h/2) W(s) + (h/2)(W_L/2 + H_L).
+        Without it, rows (W(s), W) over (W(s), W, z0): W_L = (W + sqrt(h) z0) / 2.
+        """
+        M = self._split.get(depth)
+        if M is None:
+            h = (self.t1 - self.t0) / 2**depth
+            r = math.sqrt(h)
+            if self.levy_area:
+                c = r / (4 * math.sqrt(3))
+                rows = [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, .5, 1.5, .25 * r, 0], [0, 0, 0, .25, -.125 * r, c],
+                        [1, 0, .5, 1.5, .25 * r, 0], [.5 * h, 1, .125 * h, .5 * h, 0, .5 * h * c],
+                        [0, 0, .5, -1.5, -.25 * r, 0], [0, 0, 0, .25, -.125 * r, -c]]
+            else:
+                rows = [[1, 0, 0], [0, .5, .5 * r], [1, .5, .5 * r], [0, .5, -.5 * r]]
+            M = self._split[depth] = torch.tensor(rows, dtype=torch.float64, device=self.device)
+        return M
+
+    def _node(self, depth: int, index: int) -> Tensor:
+        """The state (k, B*m) of node `index` at `depth`, float64; a split caches both children."""
         key = (depth, index)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
         if depth == 0:
-            z = self._normals(2 if self.levy_area else 1, 0, 0, 1)
+            z = self._normals(self._k // 2, 0, 0, 1)
             h = self.t1 - self.t0
-            zero = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
-            out = (zero, zero, math.sqrt(h) * z[0], math.sqrt(h / 12) * z[1] if self.levy_area else None)
-        else:
-            Ws, Is, W, H = self._node(depth - 1, index >> 1)
-            h = (self.t1 - self.t0) / 2 ** (depth - 1)          # the parent's width
-            half = 0.5 * h
-            z = self._normals(2 if self.levy_area else 1, depth - 1, index >> 1, 2)
-            rh = math.sqrt(h)
-            # The bridge at the midpoint, given the parent's (W, H): left and right halves, each N(0, h/2) for W and
-            # N(0, h/24) for H, independent of each other. Without Levy area W_L = W/2 + sqrt(h)/2 z.
-            if H is None:
-                W_left = 0.5 * W + 0.5 * rh * z[0]
-                H_left = H_right = None
-            else:
-                W_left = 0.5 * W + 1.5 * H + 0.25 * rh * z[0]
-                H_left = 0.25 * H - 0.125 * rh * z[0] + rh / (4 * math.sqrt(3)) * z[1]
-                H_right = 0.25 * H - 0.125 * rh * z[0] - rh / (4 * math.sqrt(3)) * z[1]
-            if index & 1 == 0:
-                out = (Ws, Is, W_left, H_left)
-            else:
-                W_right = W - W_left
-                U_left = half * (0.5 * W_left + (H_left if H_left is not None else 0.0))
-                out = (Ws + W_left, Is + half * Ws + U_left, W_right, H_right)
-        self._cache[key] = out
+            zero = torch.zeros_like(z[0])
+            rows = [zero, zero, math.sqrt(h) * z[0], math.sqrt(h / 12) * z[1]] if self.levy_area else [zero, math.sqrt(h) * z[0]]
+            out = torch.stack(rows)
+            self._store(key, out)
+            return out
+        parent = self._node(depth - 1, index >> 1)
+        z = self._normals(self._k // 2, depth - 1, index >> 1, 2)
+        both = torch.mm(self._split_matrix(depth - 1), torch.cat([parent, z]))
+        self._store((depth, index & ~1), both[:self._k])
+        self._store((depth, index | 1), both[self._k:])
+        return both[self._k:] if index & 1 else both[:self._k]
+
+    def _store(self, key: tuple[int, int], value: Tensor) -> None:
+        self._cache[key] = value
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return out
 
-    def _point(self, t: float) -> tuple[Tensor, Tensor]:
-        """(W(t), I(t)) with W(t0) = 0 and I(t) = int_t0^t W ds, float64."""
+    def _point(self, t: float) -> Tensor:
+        """(W(t), I(t)) as (2, B*m) (W(t) alone, (1, B*m), without Levy area); W(t0) = 0, I(t) = int_t0^t W ds."""
         n = 2**self.depth
-        x = (t - self.t0) / (self.t1 - self.t0)
-        k = min(max(int(math.floor(x * n)), 0), n - 1)
-        Ws, Is, W, H = self._node(self.depth, k)
-        h = (self.t1 - self.t0) / n
-        s = self.t0 + k * h
-        l = min(max(t - s, 0.0), h)
-        if l == 0.0:
-            return Ws, Is
-        # Inside the leaf: the conditional mean given its (W, H): W(s + l) - W(s) = (l/h) W + 6 l (h - l) / h^2 H,
-        # and its integral U = l (W_l / 2 + (l/h)^2 H) (linear in W alone without Levy area).
-        a = l / h
-        if H is None:
-            Wl, Ul = a * W, 0.5 * l * a * W
+        span = self.t1 - self.t0
+        y = (t - self.t0) / span * n
+        if y >= n:                                              # t1: the end of the root
+            depth, k, a, width = 0, 0, 1.0, span
         else:
-            Wl = a * W + 6 * a * (1 - a) * H
-            Ul = l * (0.5 * Wl + a * a * H)
-        return Ws + Wl, Is + l * Ws + Ul
+            k = max(int(math.floor(y)), 0)
+            a = min(max(y - k, 0.0), 1.0)
+            depth, width = self.depth, span / n
+            if a == 0.0 and k:                                  # on the leaf grid: the coarsest node starting at t
+                tz = (k & -k).bit_length() - 1
+                depth, k = depth - tz, k >> tz
+        S = self._node(depth, k)
+        if a == 0.0:
+            return S[:2] if self.levy_area else S[:1]
+        # Inside the node: the conditional mean given its (W, H): W(s + l) - W(s) = a W + 6 a (1 - a) H with
+        # a = l / width, and its integral I(s + l) - I(s) = l W(s) + l (a W / 2 + (3a - 2a^2) H); linear without H.
+        if not self.levy_area:
+            return S[:1] + a * S[1:]
+        l = a * width
+        R = torch.tensor([[1, 0, a, 6 * a * (1 - a)], [l, 1, .5 * l * a, l * (3 * a - 2 * a * a)]], dtype=torch.float64,
+                         device=self.device)
+        return torch.mm(R, S)
 
     def _forward(self, lo: Tensor, hi: Tensor, levy: bool) -> tuple[Tensor, Tensor | None]:
         Ws, Us = [], []
@@ -354,8 +374,8 @@ class VirtualBrownianTree(BrownianPath):
             if levy:
                 Us.append(pb[1] - pa[1] - (b - a) * pa[0])
             prev_t, prev = b, pb
-        W = torch.stack(Ws).to(self.dtype)
-        return W, (torch.stack(Us).to(self.dtype) if levy else None)
+        W = torch.stack(Ws).reshape(-1, *self.shape).to(self.dtype)
+        return W, (torch.stack(Us).reshape(-1, *self.shape).to(self.dtype) if levy else None)
 
     def __repr__(self) -> str:
         return (f"VirtualBrownianTree(t0={self.t0}, t1={self.t1}, shape={self.shape}, tol={self.tol:.3g}, "
