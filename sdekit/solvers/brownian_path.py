@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .brownian import normal_chunks
 
-__all__ = ["BrownianPath", "BrownianGrid", "VirtualBrownianTree", "CallablePath", "as_path"]
+__all__ = ["BrownianPath", "BrownianGrid", "VirtualBrownianTree", "CallablePath", "as_path", "check_path", "path_chunks"]
 
 
 def _reverse(W: Tensor, U: Tensor | None, L: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -430,3 +430,33 @@ def as_path(bm) -> BrownianPath:
         return CallablePath(bm)
     raise TypeError(f"bm must be a Brownian path (sdekit's BrownianGrid / VirtualBrownianTree, or torchsde's "
                     f"BrownianInterval / BrownianTree), got {type(bm).__name__}")
+
+
+def check_path(path: BrownianPath, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, noise: str,
+               levy: bool, scheme: str) -> None:
+    """Raise early unless the path fits a solve: its shape (B, m), dtype and device, and Levy area if the scheme reads it."""
+    if tuple(path.shape) != tuple(shape):
+        raise ValueError(f"bm has shape {tuple(path.shape)}, but noise={noise!r} with x0 of {shape[0]} rows needs Brownian "
+                         f"increments of shape {tuple(shape)} (B, {'d' if noise == 'diagonal' else 'm'})")
+    if path.dtype != dtype:
+        raise TypeError(f"bm has dtype {path.dtype}, x0 {dtype}: make the path in x0's dtype")
+    if torch.device(path.device).type != torch.device(device).type:
+        raise ValueError(f"bm lives on {path.device}, x0 on {device}: make the path on x0's device")
+    if levy and not path.levy_area:
+        raise ValueError(f"scheme {scheme!r} reads the space-time Levy area of every step, which {path!r} does not carry: "
+                         "make it with levy_area=True (torchsde: levy_area_approximation='space-time')")
+
+
+def path_chunks(path: BrownianPath, ts: Tensor, levy: bool, chunk: int):
+    """(dW,) or (dW, H) for the steps of ts, `chunk` steps at a time, read from the path; H = U/h - dW/2 is the
+    space-time Levy area the schemes read (N(0, |h|/12); U and h signed with the step, so it reads the same both ways)."""
+    N = ts.shape[0] - 1
+    for i in range(0, N, chunk):
+        t = ts[i:min(i + chunk, N) + 1]
+        if not levy:
+            yield (path.increments(t),)
+            continue
+        dW, U = path.increments(t, levy_area=True)
+        h = (t[1:] - t[:-1]).to(device=dW.device, dtype=dW.dtype).reshape(-1, *([1] * (dW.ndim - 1)))
+        yield dW, U / h - 0.5 * dW
+
