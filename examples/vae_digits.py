@@ -21,7 +21,7 @@ of the encoder's gradient:
                            at the trained iwae model, with fitted exponents (Rainforth et al. 2018: IWAE's decays
                            like K^-1/2; DReG's does not)
 
-    .venv/bin/python examples/vae_digits.py              # about 3 minutes on 2 CPU cores
+    .venv/bin/python examples/vae_digits.py              # about 2 minutes on 2 CPU cores
     .venv/bin/python examples/vae_digits.py --steps 300  # a quick look (the concrete model is still collapsed)
 
 Writes --out/vae_digits.png (learning curves, IWAE-K against K, gradient variance per estimator, SNR against K)
