@@ -17,13 +17,15 @@ from ..data import check_finite
 from ..precond import data_prediction
 from ..sde import SDE
 from .ddim import ddim
-from .dpm_solver import dpmpp_2m
+from .deis import deis
+from .dpm_solver import dpmpp_2m, dpmpp_3m
 from .edm import edm
 from .grids import GRIDS, make_grid
 from .ode import heun, ode_euler, rk4
 from .pc import pc, pc_noise_draws
 from .reverse_sde import euler_maruyama
 from .rk45 import rk45
+from .unipc import unipc
 
 __all__ = ["sample", "SAMPLERS", "SamplerSpec", "CountingScore"]
 
@@ -37,19 +39,23 @@ class SamplerSpec:
     order: float | None = None     # declared convergence order (deterministic samplers, or deterministic settings);
                                    # the accuracy report prints it beside the fitted slope, the tests check it
     noise_draws: Callable[[int, dict], int] = lambda steps, options: steps  # rows of `noise` for `steps` steps
+    zero_end: bool = False         # may run on a grid ending at t = 0 (sigma = 0): never evaluates the score there
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "euler_maruyama": SamplerSpec(euler_maruyama, 500, None, stochastic=True, order=0.5),
+    "euler_maruyama": SamplerSpec(euler_maruyama, 500, None, stochastic=True, order=0.5, zero_end=True),
     "pc": SamplerSpec(pc, 250, None, stochastic=True,
                       noise_draws=lambda steps, options: pc_noise_draws(steps, options.get("n_corrector", 1))),
-    "ode_euler": SamplerSpec(ode_euler, 200, None, order=1.0),
+    "ode_euler": SamplerSpec(ode_euler, 200, None, order=1.0, zero_end=True),
     "heun": SamplerSpec(heun, 50, None, order=2.0),
     "rk4": SamplerSpec(rk4, 25, None, order=4.0),
     "rk45": SamplerSpec(rk45, None, None, order=5.0),
-    "ddim": SamplerSpec(ddim, 100, "log_snr", stochastic=True, order=1.0),        # deterministic at eta=0
-    "dpmpp_2m": SamplerSpec(dpmpp_2m, 25, "log_snr", order=2.0),
-    "edm": SamplerSpec(edm, 32, "edm", stochastic=True, order=2.0),               # deterministic at S_churn=0
+    "ddim": SamplerSpec(ddim, 100, "log_snr", stochastic=True, order=1.0, zero_end=True),  # deterministic at eta=0
+    "dpmpp_2m": SamplerSpec(dpmpp_2m, 25, "log_snr", order=2.0, zero_end=True),
+    "dpmpp_3m": SamplerSpec(dpmpp_3m, 20, "log_snr", order=3.0, zero_end=True),
+    "unipc": SamplerSpec(unipc, 20, "log_snr", order=4.0, zero_end=True),             # UniP-3 with UniC: order 3 + 1
+    "deis": SamplerSpec(deis, 20, "log_snr", order=3.0, zero_end=True),              # tAB-DEIS, order=3
+    "edm": SamplerSpec(edm, 32, "edm", stochastic=True, order=2.0, zero_end=True),   # deterministic at S_churn=0
 }
 
 
@@ -76,7 +82,8 @@ def _check_options(name: str, fn: Callable, options: dict) -> None:
 
 def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "euler_maruyama", steps: int | None = None,
            generator: torch.Generator | None = None, *, x_T: Tensor | None = None, noise: Tensor | None = None,
-           ts: Tensor | None = None, grid: str | None = None, denoise: bool = False, return_trajectory: bool = False,
+           ts: Tensor | None = None, grid: str | None = None, to_zero: bool = False, denoise: bool = False,
+           return_trajectory: bool = False,
            return_info: bool = False, callback: Callable | None = None, dtype: torch.dtype | None = None,
            device=None, **options):
     """Draw samples by integrating from sde.t_max to sde.t_min.
@@ -87,9 +94,14 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     noise: (N, B, *S) standard normals for stochastic samplers (the path is then a deterministic function);
     pc takes N * (1 + n_corrector) rows (predictor, then its correctors, for each step).
     ts: explicit decreasing time grid (N+1,), else `grid` ('uniform', 'log_snr', 'edm') with `steps` steps;
-    without either, ddim and dpmpp_2m use 'log_snr', edm uses 'edm', and the samplers that step in t use
-    sde.default_grid ('uniform' for the VP family and VE, 'edm' for EDM).
+    without either, ddim and the multistep samplers (dpmpp_2m, dpmpp_3m, unipc, deis) use 'log_snr', edm uses 'edm',
+    and the samplers that step in t use sde.default_grid ('uniform' for the VP family and VE, 'edm' for EDM).
+    to_zero: the grid's last step goes from t_min to t = 0, where sigma = 0 (as k-diffusion's and diffusers' grids
+    end), landing on the data prediction; only samplers that never evaluate the score at the grid's last point
+    (SamplerSpec.zero_end) accept it, or an explicit ts ending at 0.
     denoise: end with the Tweedie step x0 = (x + sigma^2 score) / alpha at t_min (one extra NFE).
+    options: the sampler's own keywords (eta, S_churn, order, variant, lower_order_final, rtol, ...); a keyword the
+    sampler does not take is a TypeError naming it and listing the ones it takes.
     Returns x: (B, *S); with return_trajectory, also the (N+1, B, *S) stack of states; with return_info,
     also a dict holding 'nfe' and any sampler statistics.
     """
@@ -102,6 +114,11 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         raise ValueError(f"shape must be (B, *S) with positive sizes, got {shape}")
     if grid is not None and grid not in GRIDS:
         raise ValueError(f"unknown time grid {grid!r}; expected one of {sorted(GRIDS)}")
+    if to_zero and not spec.zero_end:
+        raise ValueError(f"sampler {sampler!r} evaluates the score at the grid's last point, so its grid cannot end at "
+                         f"t = 0 (sigma = 0); samplers that can: {sorted(n for n, s in SAMPLERS.items() if s.zero_end)}")
+    if to_zero and denoise:
+        raise ValueError("denoise=True adds a Tweedie step at the grid's end, which to_zero=True already lands on")
     if x_T is None:
         x_T = sde.prior_sample(shape, generator=generator, dtype=dtype, device=device)
     elif tuple(x_T.shape) != shape:
@@ -112,14 +129,21 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         if spec.default_steps is None:
             steps = 1  # adaptive: only the end points matter
         steps = spec.default_steps if steps is None else steps
-        ts = make_grid(grid or spec.default_grid or getattr(sde, "default_grid", "uniform"), sde, steps, dtype=x_T.dtype, device=x_T.device)
+        ts = make_grid(grid or spec.default_grid or getattr(sde, "default_grid", "uniform"), sde, steps, dtype=x_T.dtype,
+                       device=x_T.device, to_zero=to_zero)
     else:
         ts = torch.as_tensor(ts, dtype=x_T.dtype, device=x_T.device)
         if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()):
             raise ValueError(f"ts must be a strictly decreasing 1-D grid with at least 2 points, got shape {tuple(ts.shape)}")
     tol = 4 * torch.finfo(ts.dtype).eps  # the grid's ends are t_min/t_max rounded to its dtype
     lo, hi = sde.t_min * (1 - tol) - 1e-12, sde.t_max * (1 + tol) + 1e-12
-    if float(ts[-1]) < lo or float(ts[0]) > hi:
+    ends_at_zero = float(ts[-1]) == 0.0
+    if ends_at_zero and not spec.zero_end:
+        raise ValueError(f"sampler {sampler!r} evaluates the score at the grid's last point, so its grid cannot end at "
+                         f"t = 0 (sigma = 0); samplers that can: {sorted(n for n, s in SAMPLERS.items() if s.zero_end)}")
+    if ends_at_zero and denoise:
+        raise ValueError("denoise=True adds a Tweedie step at the grid's end, which is already at sigma = 0")
+    if float(ts[-1 - ends_at_zero]) < lo or float(ts[0]) > hi:
         raise ValueError(f"time grid [{float(ts[-1])}, {float(ts[0])}] leaves the SDE's interval [{sde.t_min}, {sde.t_max}]")
     if noise is not None:
         if not spec.stochastic:

@@ -8,8 +8,8 @@ to sigma_hat = sigma_i (1 + gamma_i) by adding fresh noise, then takes a Heun st
     y_hat = y + sqrt(sigma_hat^2 - sigma_i^2) S_noise z
     d = (y_hat - D(y_hat; sigma_hat)) / sigma_hat;  y' = y_hat + (sigma_{i+1} - sigma_hat) d
     d' = (y' - D(y'; sigma_{i+1})) / sigma_{i+1};   y_{i+1} = y_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2
-The grid ends at t_min > 0, so the Heun correction applies on every step (EDM's grid ends at
-sigma = 0 and takes a final Euler step instead). sigma_hat is capped at sigma_ratio(ts[0]) so the
+The default grid ends at t_min > 0, so the Heun correction applies on every step; on a grid ending at
+t = 0 (sigma = 0, EDM's own) the last step is an Euler step, as in the paper (one NFE less). sigma_hat is capped at sigma_ratio(ts[0]) so the
 score is never queried above the grid's start. S_churn = 0 gives deterministic Heun (order 2).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def edm(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, generator: torch
     """EDM stochastic Heun from ts[0] to ts[-1]. x: (B, *S); ts: (N+1,) decreasing; noise: (N, B, *S),
     row i used when step i churns. Without noise and with S_churn > 0, one draw per step is taken from
     generator whether or not the step churns, so a generator run equals the run given those draws as noise.
-    S_tmin/S_tmax bound sigma = sigma_t / alpha_t. Two NFE per step."""
+    S_tmin/S_tmax bound sigma = sigma_t / alpha_t. Two NFE per step (one for a last step into sigma = 0)."""
     if S_churn < 0 or S_noise < 0 or S_tmin < 0 or S_tmax < S_tmin:
         raise ValueError(f"edm: need S_churn >= 0, S_noise >= 0 and 0 <= S_tmin <= S_tmax, got "
                          f"S_churn={S_churn}, S_noise={S_noise}, S_tmin={S_tmin}, S_tmax={S_tmax}")
@@ -62,9 +62,10 @@ def edm(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, generator: torch
         else:
             t_hat, s_hat, y_hat = ts[i], s_i, y
         d = (y_hat - denoise(y_hat, t_hat)) / s_hat
-        y_next = y_hat + (s_next - s_hat) * d
-        d_next = (y_next - denoise(y_next, ts[i + 1])) / s_next
-        y = y_hat + (s_next - s_hat) * 0.5 * (d + d_next)
+        y = y_hat + (s_next - s_hat) * d                                   # Euler step
+        if float(s_next) > 0:                                              # 2nd order correction (not into sigma = 0)
+            d_next = (y - denoise(y, ts[i + 1])) / s_next
+            y = y_hat + (s_next - s_hat) * 0.5 * (d + d_next)
         if callback is not None:
             callback(i, ts[i + 1], alphas[i + 1] * y)
     return alphas[-1] * y

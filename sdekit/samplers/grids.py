@@ -1,4 +1,4 @@
-"""Time grids for samplers: decreasing (N+1,) tensors from sde.t_max to sde.t_min."""
+"""Time grids for samplers: decreasing (N+1,) tensors from sde.t_max to sde.t_min (or on to t = 0, sigma = 0)."""
 from __future__ import annotations
 
 import torch
@@ -49,7 +49,14 @@ def edm_rho(sde: SDE, steps: int, rho: float | None = None, dtype=torch.float32,
 GRIDS = {"uniform": uniform_t, "log_snr": uniform_log_snr, "edm": edm_rho}
 
 
-def make_grid(name: str, sde: SDE, steps: int, dtype=torch.float32, device=None) -> Tensor:
+def make_grid(name: str, sde: SDE, steps: int, dtype=torch.float32, device=None, to_zero: bool = False) -> Tensor:
+    """The named grid with `steps` steps from t_max to t_min; with to_zero, `steps - 1` of them and a last step
+    from t_min to t = 0, where sigma = 0 for every SDE here (k-diffusion's and diffusers' default ending)."""
     if name not in GRIDS:
         raise ValueError(f"unknown time grid {name!r}; expected one of {sorted(GRIDS)}")
-    return GRIDS[name](sde, steps, dtype=dtype, device=device)
+    if not to_zero:
+        return GRIDS[name](sde, steps, dtype=dtype, device=device)
+    _check_steps(steps)
+    head = GRIDS[name](sde, steps - 1, dtype=dtype, device=device) if steps > 1 else \
+        torch.tensor([sde.t_max], dtype=dtype, device=device)
+    return torch.cat([head, head.new_zeros(1)])
