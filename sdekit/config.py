@@ -16,6 +16,12 @@ from typing import Any
 
 import yaml
 
+from .losses import T_SAMPLINGS, WEIGHTINGS
+from .precond import PREDICTIONS
+from .samplers import SAMPLERS
+from .samplers.grids import GRIDS
+from .sde import SDES, VP_SCHEDULES
+
 __all__ = ["ConfigError", "SDEConfig", "DataConfig", "ModelConfig", "LossConfig", "TrainConfig", "SampleConfig",
            "Config", "load_config", "from_dict", "to_dict", "apply_overrides"]
 
@@ -26,7 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SDEConfig:
-    name: str = "vp"                     # vp | subvp | ve | edm
+    name: str = "vp"                     # a key of sdekit.sde.SDES: vp | subvp | ve | edm
     beta_min: float | None = None        # vp, subvp
     beta_max: float | None = None
     schedule: str | None = None          # vp: linear | cosine
@@ -55,7 +61,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     target: str = "sdekit_models.mlp:MLP"   # `module:Class`, built as Class(dim, **options)
-    prediction: str = "eps"              # eps | x0 | v | score | edm
+    prediction: str = "eps"              # sdekit.precond.PREDICTIONS: eps | x0 | v | score | edm
     sigma_data: float | None = None      # null: sde.sigma_data for EDM (0.5 unless set there), else 1.0; see resolve_sigma_data
     label_dropout: float = 0.1           # class-conditional nets: share of labels replaced by the null class
     options: dict = field(default_factory=dict)
@@ -63,8 +69,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    weighting: str = "uniform"           # uniform | likelihood | snr | min_snr | edm
-    t_sampling: str = "uniform"          # uniform | lognormal
+    weighting: str = "uniform"           # sdekit.losses.WEIGHTINGS: uniform | likelihood | snr | min_snr | edm
+    t_sampling: str = "uniform"          # sdekit.losses.T_SAMPLINGS: uniform | lognormal
     P_mean: float = -1.2
     P_std: float = 1.2
     min_snr_gamma: float = 5.0
@@ -79,8 +85,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     lr_schedule: str = "cosine"          # constant | cosine (after warmup)
+    lr_floor: float = 0.1                # cosine: the learning rate decays from lr to lr_floor * lr
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: int = 10                 # the EMA decay at step s is min(ema_decay, (1 + s) / (ema_warmup + s))
     seed: int = 0
     mixed_precision: str = "no"          # no | bf16 | fp16
     log_every: int = 100
@@ -93,9 +101,9 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "heun"
+    sampler: str = "heun"                # a key of sdekit.SAMPLERS
     steps: int | None = None
-    grid: str | None = None
+    grid: str | None = None              # a key of sdekit.samplers.grids.GRIDS; null: the sampler's default
     n_samples: int = 4000
     batch_size: int = 4000
     seed: int = 1
@@ -119,15 +127,26 @@ class Config:
         validate(self)
 
 
-_CHOICES = {
-    "sde.name": ("vp", "subvp", "ve", "edm"),
-    "sde.schedule": (None, "linear", "cosine"),
-    "model.prediction": ("eps", "x0", "v", "score", "edm"),
-    "loss.weighting": ("uniform", "likelihood", "snr", "min_snr", "edm"),
-    "loss.t_sampling": ("uniform", "lognormal"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.lr_schedule": ("constant", "cosine"),
-}
+MIXED_PRECISION = ("no", "bf16", "fp16")     # accelerate's settings
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _choices() -> dict[str, tuple]:
+    """The allowed values of each choice key, read from the registries that define them when a config is validated
+    (a sampler registered in SAMPLERS by a user is a valid sample.sampler)."""
+    return {
+        "sde.name": tuple(SDES),
+        "sde.schedule": (None, *VP_SCHEDULES),
+        "model.prediction": tuple(PREDICTIONS),
+        "loss.weighting": tuple(WEIGHTINGS),
+        "loss.t_sampling": tuple(T_SAMPLINGS),
+        "train.mixed_precision": MIXED_PRECISION,
+        "train.lr_schedule": LR_SCHEDULES,
+        "sample.sampler": tuple(SAMPLERS),
+        "sample.grid": (None, *GRIDS),
+    }
+
+
 _POSITIVE = ["train.steps", "train.batch_size", "train.grad_accum", "train.lr", "train.log_every", "train.ckpt_every",
              "train.keep_checkpoints", "train.max_bad_steps", "data.n_train", "sample.n_samples",
              "sample.batch_size", "loss.P_std", "loss.min_snr_gamma"]
@@ -169,7 +188,7 @@ def resolve_sigma_data(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express; resolves sigma_data (see resolve_sigma_data)."""
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices().items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key} = {_get(cfg, key)!r} is not allowed; expected one of {[c for c in choices if c is not None]}")
     for key in _POSITIVE:
@@ -182,6 +201,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {v!r}")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay!r}")
+    if not cfg.train.ema_warmup >= 1:
+        raise ConfigError(f"train.ema_warmup must be >= 1 (1: no warm-up), got {cfg.train.ema_warmup!r}")
+    if not 0 <= cfg.train.lr_floor <= 1:
+        raise ConfigError(f"train.lr_floor must be in [0, 1], got {cfg.train.lr_floor!r}")
     if cfg.sample.steps is not None and cfg.sample.steps < 1:
         raise ConfigError(f"sample.steps must be >= 1 (or null for the sampler's default), got {cfg.sample.steps!r}")
     for key in ("data.test_fraction", "model.label_dropout"):

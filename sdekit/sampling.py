@@ -19,6 +19,7 @@ from .config import Config, ConfigError
 from .data import EXACT_MIXTURES, load_dataset
 from .metrics import mmd, mode_weight_error, mode_weights, sliced_wasserstein
 from .guidance import guided_score
+from .rng import derive_seed
 from .samplers import sample
 
 __all__ = ["draw_samples", "gather_batches", "evaluate_toy", "eval_cache_dir", "evaluate_images", "image_splits", "held_out_bpd",
@@ -56,7 +57,7 @@ def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progre
     mine = list(range(rank, -(-sc.n_samples // sc.batch_size), world))
     for b in tqdm(mine, desc="sample", disable=not progress or len(mine) == 1):
         n = min(sc.batch_size, sc.n_samples - b * sc.batch_size)
-        gen = torch.Generator().manual_seed(sc.seed * 1_000_003 + b)
+        gen = torch.Generator().manual_seed(derive_seed(sc.seed, "sample_batch", b))
         x_T = sde.prior_sample((n, *data_shape), generator=gen)
         fn = score_fn
         if labels is not None:
@@ -100,8 +101,8 @@ def evaluate_toy(samples: Tensor, cfg: Config) -> dict:
     """Sliced Wasserstein and MMD against fresh data, with the same numbers between two fresh draws as the
     noise floor; per-mode weights when the data set is an exact Gaussian mixture."""
     n = samples.shape[0]
-    fresh_a = load_dataset(cfg.data.name, n, seed=cfg.data.seed + 101, **cfg.data.options)
-    fresh_b = load_dataset(cfg.data.name, n, seed=cfg.data.seed + 202, **cfg.data.options)
+    fresh_a = load_dataset(cfg.data.name, n, seed=derive_seed(cfg.data.seed, "fresh_data", 0), **cfg.data.options)
+    fresh_b = load_dataset(cfg.data.name, n, seed=derive_seed(cfg.data.seed, "fresh_data", 1), **cfg.data.options)
     gen = lambda: torch.Generator().manual_seed(0)  # same projections for both distances  # noqa: E731
     sw_model = sliced_wasserstein(samples, fresh_a, generator=gen())
     sw_ref = sliced_wasserstein(fresh_b, fresh_a, generator=gen())

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .rng import draw
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "SDES", "make_sde", "broadcast_like", "per_sample_t"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "SDES", "VP_SCHEDULES", "make_sde", "broadcast_like", "per_sample_t"]
 
 
 def _as_tensor(t, like: Tensor | None = None) -> Tensor:
@@ -161,6 +161,9 @@ class SDE(ABC):
         return f"{type(self).__name__}({args})"
 
 
+VP_SCHEDULES = ("linear", "cosine")     # VPSDE(schedule=...)
+
+
 class VPSDE(SDE):
     """Variance preserving SDE (DDPM in continuous time): f = -beta(t)/2, g = sqrt(beta(t)).
 
@@ -173,8 +176,8 @@ class VPSDE(SDE):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, schedule: str = "linear",
                  cosine_s: float = 0.008, t_min: float = 1e-3, t_max: float | None = None):
-        if schedule not in ("linear", "cosine"):
-            raise ValueError(f"unknown VPSDE schedule {schedule!r}; expected 'linear' or 'cosine'")
+        if schedule not in VP_SCHEDULES:
+            raise ValueError(f"unknown VPSDE schedule {schedule!r}; expected one of {list(VP_SCHEDULES)}")
         if schedule == "linear" and not (0 <= beta_min < beta_max):
             raise ValueError(f"VPSDE needs 0 <= beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
         self.beta_min, self.beta_max, self.schedule, self.cosine_s = float(beta_min), float(beta_max), schedule, float(cosine_s)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import inspect
 import json
 import math
@@ -32,7 +31,8 @@ from .data import load_training_data
 from .images import image_bin_width
 from .losses import dsm_loss, sample_t
 from .precond import Denoiser
-from .sde import SDE, make_sde
+from .rng import derive_seed
+from .sde import SDE, SDES, make_sde
 
 __all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator", "KeyedDropout", "EMA", "launch_kwargs", "check_launch", "exclusive_folder", "train",
            "load_trained", "resolve_checkpoint"]
@@ -41,8 +41,7 @@ __all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_dat
 # --- building blocks from a config --------------------------------------------------------------------
 def build_sde(cfg: SDEConfig) -> SDE:
     kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name" and v is not None}
-    cls = {"vp": "VPSDE", "subvp": "SubVPSDE", "ve": "VESDE", "edm": "EDM"}[cfg.name]
-    accepted = set(inspect.signature(getattr(importlib.import_module("sdekit.sde"), cls)).parameters)
+    accepted = set(inspect.signature(SDES[cfg.name]).parameters)
     for key in kwargs:
         if key not in accepted:
             raise ConfigError(f"sde.{key} does not apply to sde.name={cfg.name!r}; it takes {sorted(accepted)}")
@@ -88,7 +87,7 @@ def check_model_fits_data(denoiser: Denoiser, x: Tensor, target: str = "model") 
 
 def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
     """The generator of optimisation step `step`: independent streams per step, reproducible from (seed, step)."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, "train_step", step))
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
@@ -101,7 +100,7 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
     epochs, offsets = pos // n, pos % n
     out = torch.empty(batch, dtype=torch.long)
     for e in torch.unique(epochs).tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data_order", e)))
         mask = epochs == e
         out[mask] = perm[offsets[mask]]
     return out
@@ -139,7 +138,7 @@ class KeyedDropout:
     @contextlib.contextmanager
     def micro_batch(self, seed: int, step: int, rows: slice, global_batch: int, fallback_key: int):
         """Draw masks for the rows `rows` of the global batch of `global_batch` samples at optimisation step `step`."""
-        self._batch = {"key": _mix(seed, step, 1), "rows": rows, "n": global_batch, "fallback_key": fallback_key, "gens": {}}
+        self._batch = {"key": derive_seed(seed, "dropout", step), "rows": rows, "n": global_batch, "fallback_key": fallback_key, "gens": {}}
         try:
             yield
         finally:
@@ -167,25 +166,21 @@ class KeyedDropout:
         return gens[which, device]
 
 
-def _mix(*ints: int) -> int:
-    """A seed from several integers (distinct tuples give unrelated streams)."""
-    h = 0x9E3779B97F4A7C15
-    for i in ints:
-        h = ((h ^ (int(i) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 + 0x632BE59BD9B4E019) % (1 << 64)
-    return h % (2**63 - 1)
-
-
 class EMA:
-    """Exponential moving average of parameters, in float32, identical on every process (same updates)."""
+    """Exponential moving average of parameters, in float32, identical on every process (same updates).
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    The decay at step s is min(decay, (1 + s) / (warmup + s)) (train.ema_decay, train.ema_warmup): early averages
+    are not dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: int):
+        self.decay, self.warmup = decay, warmup
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         # Warm-up of the decay so that early averages are not dominated by the random initialisation.
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = min(self.decay, (1 + step) / (self.warmup + step))
         for k, v in model.state_dict().items():
             if v.dtype.is_floating_point:
                 self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
@@ -212,7 +207,7 @@ def lr_lambda(cfg) -> callable:
             return (step + 1) / (cfg.warmup_steps + 1)
         if cfg.lr_schedule == "cosine":
             progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return factor
 
@@ -342,7 +337,7 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
             raise ConfigError(f"data {cfg.data.name!r} has labels up to {int(labels.max())}; model num_classes={num_classes} is too small")
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    ema = EMA(net, tc.ema_decay)
+    ema = EMA(net, tc.ema_decay, tc.ema_warmup)
     start = 0
     if resume is not None:
         ckpt = resolve_checkpoint(resume)
@@ -409,7 +404,7 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
                 y = labels[idx[part].to(device)]
                 net_kwargs["labels"] = torch.where(drop_all[part].to(device), torch.full_like(y, num_classes), y)
             sync = accelerator.no_sync(net) if k < tc.grad_accum - 1 else contextlib.nullcontext()
-            key = _mix(tc.seed, step, k, rank, 2)
+            key = derive_seed(tc.seed, "network_rng", step, k, rank)
             torch.manual_seed(key)   # any other random op in the network: keyed too (the caller's RNG is restored by train)
             with sync, accelerator.autocast(), dropout.micro_batch(tc.seed, step, part, tc.batch_size, key):
                 loss = dsm_loss(denoiser, x0, t, noise, cfg.loss.weighting, cfg.loss.min_snr_gamma, **net_kwargs).mean() / tc.grad_accum

@@ -31,6 +31,12 @@ def test_overrides_are_typed():
     (["model.prediction=noise"], "model.prediction"),
     (["sample.steps=0"], "sample.steps must be >= 1"),
     (["sample.denoise=3"], "sample.denoise must be true or false"),
+    (["sample.sampler=heum"], "sample.sampler = 'heum' is not allowed; expected one of .'euler_maruyama'"),
+    (["sample.grid=log-snr"], "sample.grid = 'log-snr' is not allowed"),
+    (["sde.schedule=quadratic"], "sde.schedule = 'quadratic' is not allowed; expected one of .'linear', 'cosine'."),
+    (["train.ema_warmup=0"], "train.ema_warmup must be >= 1"),
+    (["train.lr_floor=1.5"], "train.lr_floor must be in .0, 1., got"),
+    (["train.lr_floor=nan"], "train.lr_floor must be in .0, 1., got"),
     (["train.steps"], "must look like section.key=value"),
 ])
 def test_errors_name_the_problem(override, message):
@@ -84,3 +90,51 @@ def test_edm_sigma_data_is_one_value_in_the_resolved_config():
         load_config(ROOT / "configs/digits_edm.yaml", ["model.sigma_data=1.0"])
     with pytest.raises(ConfigError, match=r"sde.sigma_data must be > 0"):
         from_dict({"sde": {"name": "edm", "sigma_data": -1.0}})
+
+
+def test_choices_are_the_registries():
+    """Every choice key accepts exactly its registry's names: SDEs, prediction types, weightings, time samplings,
+    samplers (one registered by a user included) and grids."""
+    import sdekit
+    from sdekit.config import from_dict
+    from sdekit.losses import T_SAMPLINGS, WEIGHTINGS
+    from sdekit.precond import PREDICTIONS
+    from sdekit.samplers.grids import GRIDS
+
+    registries = {("sde", "name"): sdekit.sde.SDES, ("model", "prediction"): PREDICTIONS, ("loss", "weighting"): WEIGHTINGS,
+                  ("loss", "t_sampling"): T_SAMPLINGS, ("sample", "sampler"): sdekit.SAMPLERS, ("sample", "grid"): GRIDS}
+    for (section, key), names in registries.items():
+        for name in names:
+            cfg = from_dict({section: {key: name}})
+            assert getattr(getattr(cfg, section), key) == name
+    sdekit.SAMPLERS["mine"] = sdekit.SAMPLERS["heun"]
+    try:
+        assert from_dict({"sample": {"sampler": "mine"}}).sample.sampler == "mine"
+    finally:
+        del sdekit.SAMPLERS["mine"]
+    with pytest.raises(ConfigError, match="sample.sampler = 'mine'"):
+        from_dict({"sample": {"sampler": "mine"}})
+
+
+def test_lr_floor_and_ema_warmup_drive_the_schedules():
+    """train.lr_floor is where the cosine schedule ends (defaults: 0.1 and an EMA warm-up of 10 steps); with
+    train.ema_warmup=1 the EMA uses its decay from the first step."""
+    import torch
+
+    from sdekit.training import EMA, lr_lambda
+
+    cfg = load_config(ROOT / "configs/ring.yaml")
+    assert (cfg.train.lr_floor, cfg.train.ema_warmup) == (0.1, 10)
+    for floor in (0.0, 0.1, 0.3):
+        tc = load_config(ROOT / "configs/ring.yaml", [f"train.lr_floor={floor}"]).train
+        factor = lr_lambda(tc)
+        assert factor(tc.warmup_steps) == pytest.approx(1.0) and factor(tc.steps) == pytest.approx(floor)
+    net = torch.nn.Linear(1, 1, bias=False)
+    for warmup, first_decay in ((10, 0.1), (1, 0.9)):
+        with torch.no_grad():
+            net.weight.fill_(0.0)
+        ema = EMA(net, 0.9, warmup)
+        with torch.no_grad():
+            net.weight.fill_(1.0)
+        ema.update(net, step=0)          # decay min(0.9, 1 / warmup): shadow = (1 - decay) * 1
+        assert ema.shadow["weight"].item() == pytest.approx(1 - first_decay)

@@ -25,6 +25,7 @@ from ..checkpoint import CheckpointError, FolderInUseError, atomic_write_text
 from ..config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from ..data import EXACT_MIXTURES, load_dataset
 from ..image_metrics import class_grid_layout, save_image_grid
+from ..rng import derive_seed
 from ..sampling import (conditioning_labels, draw_samples, eval_cache_dir, evaluate_images, evaluate_toy, gather_batches,
                         held_out_bpd, sample_labels)
 from ..training import check_launch, exclusive_folder, launch_kwargs, load_trained
@@ -138,7 +139,7 @@ def plot_toy(samples: Tensor, cfg: Config, path: Path, title: str = "") -> None:
     """Samples as points over the data density (exact log-density contours for mixtures, a histogram otherwise)."""
     plt = pyplot("samples.png")
 
-    data = load_dataset(cfg.data.name, 20000, seed=cfg.data.seed + 303, **cfg.data.options)
+    data = load_dataset(cfg.data.name, 20000, seed=derive_seed(cfg.data.seed, "fresh_data", 2), **cfg.data.options)
     lim = float(data.abs().max()) * 1.15
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), sharex=True, sharey=True)
     if cfg.data.name in EXACT_MIXTURES:

@@ -14,6 +14,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from ..rng import derive_seed
 from .failures import check_pathwise, failure_modes
 from .families import CONTINUOUS, DISCRETE, Concrete, GaussianDiag, make_family
 from .gradients import ESTIMATORS, estimate_gradient
@@ -48,7 +49,7 @@ def variance_sweep(families=CONTINUOUS + DISCRETE, objectives=OBJECTIVES, dims=(
             if est == "pathwise" and not fam.reparameterizable:
                 continue
             options = {} if est in ("pathwise", "score") else {"n_pilot": n}
-            gen = torch.Generator().manual_seed(seed * 100_003 + j)
+            gen = torch.Generator().manual_seed(derive_seed(seed, "estimator_cell", j))
             r = estimate_gradient(fam, f, est, n, generator=gen, **options)
             z = r.z_scores(exact).abs()
             row = {"family": fam_name, "objective": obj_name, "d": d, "estimator": est, "n": n,
@@ -59,7 +60,7 @@ def variance_sweep(families=CONTINUOUS + DISCRETE, objectives=OBJECTIVES, dims=(
                 P = fam.n_params
                 params = sorted({round(i * (P - 1) / max(detect_params - 1, 1)) for i in range(min(P, detect_params))})
                 chk = check_pathwise(fam, f, n, params=params,
-                                     generator=torch.Generator().manual_seed(seed * 100_003 + j))
+                                     generator=torch.Generator().manual_seed(derive_seed(seed, "estimator_cell", j)))
                 row["detector"], row["detector_fired"] = chk.summary(), chk.fired
                 row["detector_params"] = len(params)
             rows.append(row)
