@@ -1,5 +1,6 @@
 """The package's import graph, read from the source with `ast` (nothing is imported): the solver layer
-stays at the bottom, and sdekit's top-level modules and subpackages import each other without cycles.
+stays at the bottom, the command layer (sdekit/commands: argparse, printing, plots) on top, and sdekit's
+top-level modules and subpackages import each other without cycles.
 
 `IMPORTS` holds every import statement of every module under sdekit/, resolved to absolute module
 names (sdekit's own and third-party alike), with the line it is on and whether it runs when the module
