@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .brownian import normal_chunks
 
-__all__ = ["BrownianPath", "BrownianGrid", "VirtualBrownianTree", "CallablePath", "as_path", "check_path", "path_chunks"]
+__all__ = ["BrownianPath", "BrownianGrid", "VirtualBrownianTree", "CallablePath", "as_path", "check_path", "path_chunks", "resolve_path"]
 
 
 def _reverse(W: Tensor, U: Tensor | None, L: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -459,4 +459,35 @@ def path_chunks(path: BrownianPath, ts: Tensor, levy: bool, chunk: int):
         dW, U = path.increments(t, levy_area=True)
         h = (t[1:] - t[:-1]).to(device=dW.device, dtype=dW.dtype).reshape(-1, *([1] * (dW.ndim - 1)))
         yield dW, U / h - 0.5 * dW
+
+
+def resolve_path(bm, *, adaptive: bool, dW: Tensor | None, levy_area: Tensor | None, generator, ts: Tensor,
+                 shape: tuple[int, ...], dtype: torch.dtype, device, noise: str, levy: bool, scheme: str) -> BrownianPath | None:
+    """The path a solve reads (None: it reads dW or draws from generator as before), with the combinations refused.
+
+    bm given: wrapped by `as_path` and checked; dW=, levy_area= or generator= beside it is an error (the Brownian
+    motion is given once). adaptive=True without bm: a VirtualBrownianTree over the grid's interval seeded by one
+    draw from generator; with dW= instead, or a path that answers grid times only, an error.
+    """
+    if bm is None and not adaptive:
+        return None
+    if bm is not None:
+        if dW is not None or levy_area is not None:
+            raise ValueError("the Brownian motion is given twice: pass dW= (with levy_area=) or bm=, not both")
+        if generator is not None:
+            raise ValueError("generator= draws the increments and bm= gives them: pass one of them")
+        path = as_path(bm)
+    elif dW is not None:
+        raise ValueError("adaptive steps choose their own times, which given increments dW cannot follow: pass bm= (a "
+                         "VirtualBrownianTree, or torchsde's BrownianInterval) or neither, to draw a VirtualBrownianTree "
+                         "from generator")
+    else:
+        t = ts.detach()
+        path = VirtualBrownianTree(float(t.min()), float(t.max()), shape, generator=generator, levy_area=levy,
+                                   dtype=dtype, device=device)
+    check_path(path, shape, dtype, device, noise, levy, scheme)
+    if adaptive and not path.anytime:
+        raise ValueError(f"adaptive steps need a Brownian path that can be queried at any time, and {path!r} answers its "
+                         "grid times only; use VirtualBrownianTree or torchsde's BrownianInterval / BrownianTree")
+    return path
 
