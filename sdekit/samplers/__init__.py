@@ -82,8 +82,8 @@ def _check_options(name: str, fn: Callable, options: dict) -> None:
 
 def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "euler_maruyama", steps: int | None = None,
            generator: torch.Generator | None = None, *, x_T: Tensor | None = None, noise: Tensor | None = None,
-           ts: Tensor | None = None, grid: str | None = None, to_zero: bool = False, denoise: bool = False,
-           return_trajectory: bool = False,
+           ts: Tensor | None = None, grid: str | None = None, grid_cache=None, to_zero: bool = False,
+           denoise: bool = False, return_trajectory: bool = False,
            return_info: bool = False, callback: Callable | None = None, dtype: torch.dtype | None = None,
            device=None, **options):
     """Draw samples by integrating from sde.t_max to sde.t_min.
@@ -96,6 +96,10 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     ts: explicit decreasing time grid (N+1,), else `grid` ('uniform', 'log_snr', 'edm') with `steps` steps;
     without either, ddim and the multistep samplers (dpmpp_2m, dpmpp_3m, unipc, deis) use 'log_snr', edm uses 'edm',
     and the samplers that step in t use sde.default_grid ('uniform' for the VP family and VE, 'edm' for EDM).
+    grid='optimized': the grid minimising this sampler's error for this score_fn at this number of steps
+    (`sdekit.samplers.optimize`: Adam on the grid's log-SNR increments, through the sampler, against an rk45 solution
+    on 256 calibration draws of x_T from a fixed seed); read from / written to the JSON file `grid_cache` (keep it
+    next to the run's outputs), computed afresh on every call without one.
     to_zero: the grid's last step goes from t_min to t = 0, where sigma = 0 (as k-diffusion's and diffusers' grids
     end), landing on the data prediction; only samplers that never evaluate the score at the grid's last point
     (SamplerSpec.zero_end) accept it, or an explicit ts ending at 0.
@@ -112,8 +116,10 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (B, *S) with positive sizes, got {shape}")
-    if grid is not None and grid not in GRIDS:
-        raise ValueError(f"unknown time grid {grid!r}; expected one of {sorted(GRIDS)}")
+    if grid is not None and grid not in GRIDS and grid != "optimized":
+        raise ValueError(f"unknown time grid {grid!r}; expected one of {sorted(GRIDS) + ['optimized']}")
+    if grid == "optimized" and (ts is not None or to_zero):
+        raise ValueError("grid='optimized' chooses the grid itself: pass neither ts nor to_zero")
     if to_zero and not spec.zero_end:
         raise ValueError(f"sampler {sampler!r} evaluates the score at the grid's last point, so its grid cannot end at "
                          f"t = 0 (sigma = 0); samplers that can: {sorted(n for n, s in SAMPLERS.items() if s.zero_end)}")
@@ -129,8 +135,14 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         if spec.default_steps is None:
             steps = 1  # adaptive: only the end points matter
         steps = spec.default_steps if steps is None else steps
-        ts = make_grid(grid or spec.default_grid or getattr(sde, "default_grid", "uniform"), sde, steps, dtype=x_T.dtype,
-                       device=x_T.device, to_zero=to_zero)
+        if grid == "optimized":
+            from .optimize import optimized_grid
+            found = optimized_grid(score_fn, sde, (256, *shape[1:]), sampler, steps, cache=grid_cache, options=options,
+                                   dtype=x_T.dtype, device=x_T.device)
+            ts = found.grid(dtype=x_T.dtype, device=x_T.device)
+        else:
+            ts = make_grid(grid or spec.default_grid or getattr(sde, "default_grid", "uniform"), sde, steps,
+                           dtype=x_T.dtype, device=x_T.device, to_zero=to_zero)
     else:
         ts = torch.as_tensor(ts, dtype=x_T.dtype, device=x_T.device)
         if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()):

@@ -1,0 +1,311 @@
+"""The low-NFE frontier: sdekit's deterministic samplers against diffusers' and k-diffusion's on one exact oracle.
+
+Every library integrates the probability-flow ODE of the same VP SDE (linear beta, t from 1 to 1e-3) driven by the
+same exact Gaussian-mixture score, from the same 1024 draws of x_T, and is scored by the median over them of the
+distance to a float64 rk45 solution at rtol = atol = 1e-11 from the same x_T. For each NFE budget, each library's
+best sampler and grid (among the ones it recommends) is reported, and the ratio sdekit-best / peer-best.
+
+Wiring (`diffusers_rows`, `kdiffusion_rows`):
+- diffusers schedulers get `trained_betas` for which alphas_cumprod[k] = alpha(t_k)^2 at t_k = t_min + k (t_max -
+  t_min) / 999 (k = 0..999), so timestep 999 is t_max, and `final_sigmas_type="sigma_min"` (DDIM:
+  set_alpha_to_one=False; DEIS ends there by itself) so the last step lands on t_min, where the reference is. The model is evaluated at the
+  noise level the scheduler's update assumes (its sigmas[i], or the timestep's alpha for DDIM), as eps = -sigma score:
+  this removes the rounding of Karras/Lu timesteps to integers, which would otherwise count against diffusers.
+  Samples are float64 (diffusers keeps its own schedule tables in float32).
+- k-diffusion's samplers get the denoiser D(x / alpha; sigma) with sigma = sigma_t / alpha_t, started from
+  x_T / alpha(t_max), on its grids (Karras rho = 7, exponential, its VP grid) from sigma(t_max) to sigma(t_min)
+  (the appended 0 dropped), and their result is multiplied back by alpha(t_min). k-diffusion's package __init__
+  imports torchvision, scikit-image and clean-fid; when that import fails, its `sampling` module (which needs
+  torch, scipy, torchsde, torchdiffeq and utils.append_dims) is loaded on its own.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+import time
+import types
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data import EXACT_MIXTURES
+from ..precond import data_prediction
+from ..sde import SDE, VPSDE
+from . import SAMPLERS, sample
+from .optimize import optimize_grid
+
+__all__ = ["run_frontier", "sdekit_rows", "diffusers_rows", "kdiffusion_rows", "load_kdiffusion_sampling",
+           "SDEKIT_CANDIDATES", "BUDGETS", "frontier_markdown"]
+
+BUDGETS = (5, 10, 15, 20)
+SDEKIT_GRIDS = ("uniform", "log_snr", "edm")
+# (label, sampler, options): sdekit's deterministic fixed-step samplers
+SDEKIT_CANDIDATES = [
+    ("ode_euler", "ode_euler", {}), ("heun", "heun", {}), ("rk4", "rk4", {}), ("ddim", "ddim", {}),
+    ("dpmpp_2m", "dpmpp_2m", {}), ("dpmpp_3m", "dpmpp_3m", {}), ("unipc bh2", "unipc", {}),
+    ("unipc bh1", "unipc", {"variant": "bh1"}), ("unipc bh2 p=2", "unipc", {"order": 2}), ("deis", "deis", {}),
+    ("edm (S_churn=0)", "edm", {}),
+]
+# samplers whose grids are optimised (the budgets' leaders among the multistep samplers)
+OPTIMIZED = [("unipc bh2", "unipc", {}), ("dpmpp_3m", "dpmpp_3m", {}), ("dpmpp_2m", "dpmpp_2m", {})]
+
+
+def _median_distance(x: Tensor, ref: Tensor) -> float:
+    return float((x - ref).reshape(x.shape[0], -1).norm(dim=1).median())
+
+
+def _nfe_per_step(name: str, options: dict) -> int:
+    return {"heun": 2, "rk4": 4, "edm": 2}.get(name, 1)
+
+
+def sdekit_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUDGETS) -> list[dict]:
+    rows = []
+    for label, name, options in SDEKIT_CANDIDATES:
+        for grid in SDEKIT_GRIDS:
+            for budget in budgets:
+                steps = budget // _nfe_per_step(name, options)
+                if steps < 1:
+                    continue
+                x, info = sample(score, sde, tuple(x_T.shape), name, steps=steps, grid=grid, x_T=x_T, return_info=True,
+                                 **options)
+                rows.append(dict(library="sdekit", sampler=label, grid=grid, budget=budget, steps=steps, nfe=info["nfe"],
+                                 error=_median_distance(x, ref)))
+    return rows
+
+
+# --- diffusers ------------------------------------------------------------------------------------------------------
+def _vp_betas(sde: SDE, n: int = 1000) -> tuple[np.ndarray, Callable[[float], float]]:
+    """trained_betas reproducing alpha(t_k)^2 at t_k = t_min + k (t_max - t_min) / (n - 1), and timestep -> t."""
+    t = torch.linspace(sde.t_min, sde.t_max, n, dtype=torch.float64)
+    ac = sde.marginal(t)[0] ** 2
+    betas = 1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    return betas.numpy(), lambda k: sde.t_min + float(k) * (sde.t_max - sde.t_min) / (n - 1)
+
+
+DIFFUSERS_CONFIGS = [
+    # (label, scheduler class name, config, grid label)
+    ("DPM++ 2M", "DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="dpmsolver++"), "default"),
+    ("DPM++ 2M", "DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="dpmsolver++", use_karras_sigmas=True), "karras"),
+    ("DPM++ 2M", "DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="dpmsolver++", use_lu_lambdas=True), "lu"),
+    ("DPM++ 3M", "DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="dpmsolver++"), "default"),
+    ("DPM++ 3M", "DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="dpmsolver++", use_karras_sigmas=True), "karras"),
+    ("DPM++ 3M", "DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="dpmsolver++", use_lu_lambdas=True), "lu"),
+    ("UniPC bh2", "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2"), "default"),
+    ("UniPC bh2", "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2", use_karras_sigmas=True), "karras"),
+    ("UniPC bh1", "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh1"), "default"),
+    ("UniPC bh1", "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh1", use_karras_sigmas=True), "karras"),
+    ("DEIS-3", "DEISMultistepScheduler", dict(solver_order=3), "default"),
+    ("DEIS-3", "DEISMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True), "karras"),
+    ("DDIM", "DDIMScheduler", dict(set_alpha_to_one=False, timestep_spacing="trailing"), "trailing"),
+]
+
+
+def diffusers_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUDGETS) -> list[dict]:
+    diffusers = importlib.import_module("diffusers")
+    betas, t_of_timestep = _vp_betas(sde)
+    rows = []
+    for label, cls_name, config, grid in DIFFUSERS_CONFIGS:
+        cls = getattr(diffusers, cls_name)
+        for budget in budgets:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                accepted = inspect.signature(cls.__init__).parameters
+                extra = {"final_sigmas_type": "sigma_min"} if "final_sigmas_type" in accepted else {}
+                sched = cls(num_train_timesteps=len(betas), trained_betas=betas, prediction_type="epsilon", **extra, **config)
+                sched.set_timesteps(budget)
+                x, nfe = x_T.clone(), 0
+                for i, k in enumerate(sched.timesteps):
+                    if hasattr(sched, "sigmas"):
+                        t = float(sde.t_from_sigma_ratio(torch.tensor(float(sched.sigmas[i]), dtype=torch.float64)))
+                    else:
+                        t = t_of_timestep(int(k))
+                    tb = torch.full((x.shape[0],), t, dtype=x.dtype)
+                    eps = -sde.marginal(tb[:1])[1] * score(x, tb)
+                    nfe += 1
+                    x = sched.step(eps, k, x).prev_sample
+            rows.append(dict(library="diffusers", sampler=label, grid=grid, budget=budget, steps=budget, nfe=nfe,
+                             error=_median_distance(x, ref) if torch.isfinite(x).all() else float("nan")))
+    return rows
+
+
+# --- k-diffusion ------------------------------------------------------------------------------------------------------
+def load_kdiffusion_sampling() -> types.ModuleType:
+    """k_diffusion.sampling; if the package import fails (torchvision etc.), its sampling.py alone."""
+    try:
+        return importlib.import_module("k_diffusion.sampling")
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the k-diffusion comparison needs k-diffusion: pip install -c constraints.txt --no-deps "
+                          "k-diffusion (and torchdiffeq)")
+    name = "_sdekit_kdiffusion"
+    if name + ".sampling" in sys.modules:
+        return sys.modules[name + ".sampling"]
+    package = types.ModuleType(name)
+    package.__path__ = []
+    utils = types.ModuleType(name + ".utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    sys.modules[name], sys.modules[name + ".utils"] = package, utils
+    package.utils = utils
+    path = list(spec.submodule_search_locations)[0] + "/sampling.py"
+    sampling_spec = importlib.util.spec_from_file_location(name + ".sampling", path)
+    module = importlib.util.module_from_spec(sampling_spec)
+    sys.modules[name + ".sampling"] = module
+    sampling_spec.loader.exec_module(module)
+    return module
+
+
+KDIFFUSION_SAMPLERS = [  # (label, function name, NFE per step, extra keywords)
+    ("euler", "sample_euler", 1, {}), ("heun", "sample_heun", 2, {}), ("dpm_2", "sample_dpm_2", 2, {}),
+    ("lms", "sample_lms", 1, {}), ("dpmpp_2m", "sample_dpmpp_2m", 1, {}),
+    ("dpmpp_3m (sde, eta=0)", "sample_dpmpp_3m_sde", 1, {"eta": 0.0, "noise_sampler": lambda *a: None}),
+]
+
+
+def kdiffusion_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUDGETS) -> list[dict]:
+    K = load_kdiffusion_sampling()
+    t_ends = torch.tensor([sde.t_max, sde.t_min], dtype=torch.float64)
+    s_max, s_min = (float(v) for v in sde.sigma_ratio(t_ends))
+    a_max, a_min = (float(v) for v in sde.marginal(t_ends)[0])
+    calls = [0]
+
+    def denoiser(y: Tensor, sigma: Tensor) -> Tensor:
+        calls[0] += 1
+        t = sde.t_from_sigma_ratio(sigma.to(torch.float64)).to(y.dtype)
+        alpha, sig = sde.marginal(t)
+        x = alpha[:, None] * y
+        return data_prediction(score(x, t), x, alpha, sig)
+
+    grids = {"karras": lambda n: K.get_sigmas_karras(n, s_min, s_max, rho=7.0),
+             "exponential": lambda n: K.get_sigmas_exponential(n, s_min, s_max)}
+    if isinstance(sde, VPSDE) and sde.schedule == "linear" and sde.t_max == 1.0:
+        grids["vp"] = lambda n: K.get_sigmas_vp(n, beta_d=sde.beta_max - sde.beta_min, beta_min=sde.beta_min, eps_s=sde.t_min)
+    rows = []
+    for budget in budgets:
+        for label, fn_name, per_step, extra in KDIFFUSION_SAMPLERS:
+            steps = budget // per_step
+            if steps < 1:
+                continue
+            for grid, make in grids.items():
+                sigmas = make(steps + 1)[:-1].to(torch.float64)          # steps + 1 values, sigma_max ... sigma_min
+                calls[0] = 0
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    y = getattr(K, fn_name)(denoiser, x_T / a_max, sigmas, disable=True, **extra)
+                x = a_min * y
+                rows.append(dict(library="k-diffusion", sampler=label, grid=grid, budget=budget, steps=steps, nfe=calls[0],
+                                 error=_median_distance(x, ref) if torch.isfinite(x).all() else float("nan")))
+        calls[0] = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = K.sample_dpm_fast(denoiser, x_T / a_max, s_min, s_max, budget, disable=True)
+        rows.append(dict(library="k-diffusion", sampler="dpm_fast", grid="dpm-solver", budget=budget, steps=budget,
+                         nfe=calls[0], error=_median_distance(a_min * y, ref) if torch.isfinite(y).all() else float("nan")))
+    return rows
+
+
+# --- the report -------------------------------------------------------------------------------------------------------
+def _best(rows: list[dict], library: str, budget: int) -> dict | None:
+    cands = [r for r in rows if r["library"] == library and r["budget"] == budget and r["nfe"] <= budget
+             and np.isfinite(r["error"])]
+    return min(cands, key=lambda r: r["error"]) if cands else None
+
+
+def run_frontier(budgets=BUDGETS, batch: int = 1024, seed: int = 0, mixture: str = "default", peers: bool = True,
+                 optimized: bool = True, calibration_batch: int = 256, iterations: int = 60,
+                 progress: bool = False) -> dict:
+    """Every library's samplers at each NFE budget; returns the JSON-ready dict with rows, best rows per budget and
+    library, the ratios sdekit-best / peer-best, the optimised grids' cost, and which peers were measured (a peer
+    that is not installed is listed under 'skipped' with the reason)."""
+    from .report import default_mixture
+
+    sde = VPSDE()
+    gmm = default_mixture() if mixture == "default" else EXACT_MIXTURES[mixture]().to(torch.float64)
+    score = gmm.score_fn(sde)
+    x_T = sde.prior_sample((batch, gmm.dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ref = sample(score, sde, (batch, gmm.dim), "rk45", x_T=x_T, rtol=1e-11, atol=1e-11)
+    say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
+    t0 = time.perf_counter()
+    rows = sdekit_rows(score, sde, x_T, ref, budgets)
+    say(f"sdekit: {len(rows)} runs in {time.perf_counter() - t0:.1f}s")
+    grids = []
+    if optimized:
+        for label, name, options in OPTIMIZED:
+            for budget in budgets:
+                # calibration draws of x_T differ from the test draws (seed + 1)
+                r = optimize_grid(score, sde, (calibration_batch, gmm.dim), name, budget, options=options,
+                                  iterations=iterations, dtype=torch.float64, seed=seed + 1)
+                x, info = sample(score, sde, (batch, gmm.dim), name, ts=r.grid(torch.float64), x_T=x_T, return_info=True,
+                                 **options)
+                rows.append(dict(library="sdekit", sampler=label, grid="optimized", budget=budget, steps=budget,
+                                 nfe=info["nfe"], error=_median_distance(x, ref)))
+                grids.append(dict(sampler=label, budget=budget, seconds=r.seconds, nfe=r.nfe, iterations=r.iterations,
+                                  calibration_loss_init=r.loss_init, calibration_loss=r.loss, init_grid=r.init_grid,
+                                  test_error_init=next(q["error"] for q in rows if q["library"] == "sdekit" and
+                                                       q["sampler"] == label and q["grid"] == r.init_grid and q["budget"] == budget),
+                                  test_error=rows[-1]["error"], ts=r.ts))
+                say(f"optimized {label} {budget}: {grids[-1]['test_error_init']:.2e} -> {grids[-1]['test_error']:.2e} "
+                    f"({r.seconds:.1f}s)")
+    measured, skipped = ["sdekit"], {}
+    if peers:
+        for lib, fn in (("diffusers", diffusers_rows), ("k-diffusion", kdiffusion_rows)):
+            try:
+                t0 = time.perf_counter()
+                rows += fn(score, sde, x_T, ref, budgets)
+                measured.append(lib)
+                say(f"{lib}: {time.perf_counter() - t0:.1f}s")
+            except ImportError as e:
+                skipped[lib] = str(e)
+    best, ratios = {}, {}
+    for budget in budgets:
+        best[budget] = {lib: _best(rows, lib, budget) for lib in measured}
+        peer = [b for lib, b in best[budget].items() if lib != "sdekit" and b is not None]
+        if peer and best[budget]["sdekit"] is not None:
+            ratios[budget] = best[budget]["sdekit"]["error"] / min(b["error"] for b in peer)
+        # sdekit's best on the fixed (not optimised) grids, for the recommendation without calibration
+        fixed = [r for r in rows if r["library"] == "sdekit" and r["budget"] == budget and r["grid"] != "optimized"]
+        best[budget]["sdekit (fixed grids)"] = min(fixed, key=lambda r: r["error"]) if fixed else None
+    return dict(config=dict(sde=sde.config(), mixture=mixture, batch=batch, seed=seed, budgets=list(budgets),
+                            reference="rk45 float64 rtol=atol=1e-11 from the same x_T",
+                            metric="median over x_T of the distance to the reference",
+                            calibration=dict(batch=calibration_batch, seed=seed + 1, iterations=iterations)),
+                rows=rows, best={str(k): v for k, v in best.items()}, ratios={str(k): v for k, v in ratios.items()},
+                optimized_grids=grids, peers_measured=measured[1:], peers_skipped=skipped,
+                versions=_versions(measured))
+
+
+def _versions(libs) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for lib in libs:
+        if lib == "sdekit":
+            continue
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = "unknown"
+    return out
+
+
+def frontier_markdown(result: dict) -> str:
+    """The per-budget table: each library's best (sampler, grid, error) and the ratio sdekit-best / peer-best."""
+    libs = ["sdekit", "sdekit (fixed grids)"] + result["peers_measured"]
+    lines = [f"| NFE | {' | '.join(libs)} | sdekit / best peer | sdekit (fixed grids) / best peer |",
+             "|---:|" + "---|" * len(libs) + "---:|---:|"]
+    for budget in result["config"]["budgets"]:
+        best = result["best"][str(budget)]
+        cells = []
+        for lib in libs:
+            b = best.get(lib)
+            cells.append("n/a" if b is None else f"{b['error']:.1e} ({b['sampler']}, {b['grid']})")
+        peer = [best[lib]["error"] for lib in result["peers_measured"] if best.get(lib)]
+        ratio = f"{best['sdekit']['error'] / min(peer):.2f}" if peer else "n/a"
+        ratio_fixed = f"{best['sdekit (fixed grids)']['error'] / min(peer):.2f}" if peer else "n/a"
+        lines.append(f"| {budget} | {' | '.join(cells)} | {ratio} | {ratio_fixed} |")
+    return "\n".join(lines) + "\n"

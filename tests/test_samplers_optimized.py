@@ -1,0 +1,102 @@
+"""Optimised time grids (sdekit.samplers.optimize) and the low-NFE comparison with the peers (samplers.frontier)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import sdekit
+from sdekit.samplers import sample
+from sdekit.samplers.optimize import grid_from_theta, load_grid, optimize_grid
+
+
+def mixture(dtype=torch.float64) -> sdekit.GaussianMixture:
+    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=dtype)
+    covs = torch.tensor([[0.3, 0.1], [0.2, 0.4], [0.25, 0.25]], dtype=dtype)
+    return sdekit.GaussianMixture(means, covs, torch.tensor([0.5, 0.3, 0.2], dtype=dtype))
+
+
+def median_error(score, sde, sampler, ts, x_T, ref, **options) -> float:
+    x = sample(score, sde, tuple(x_T.shape), sampler, ts=ts, x_T=x_T, **options)
+    return float((x - ref).norm(dim=1).median())
+
+
+def test_grid_parametrisation_is_a_decreasing_grid_with_fixed_ends():
+    sde = sdekit.VPSDE()
+    for theta in (torch.zeros(7), torch.randn(7, generator=torch.Generator().manual_seed(0)) * 3):
+        ts = grid_from_theta(sde, theta)
+        assert ts.shape == (8,) and ts[0] == sde.t_max and ts[-1] == sde.t_min and bool((ts[1:] < ts[:-1]).all())
+    uniform_lam = grid_from_theta(sde, torch.zeros(10))
+    torch.testing.assert_close(uniform_lam, sdekit.samplers.grids.uniform_log_snr(sde, 10, dtype=torch.float64))
+
+
+def test_optimized_grid_beats_the_default_on_held_out_draws():
+    """unipc at 8 NFE: the grid optimised on 128 calibration draws (30 Adam steps through the sampler) has a lower
+    calibration loss than its start, and on 512 other draws of x_T its median error is below a third of the log-SNR
+    grid's (measured: 16.6x lower)."""
+    sde, gmm = sdekit.VPSDE(), mixture()
+    score = gmm.score_fn(sde)
+    r = optimize_grid(score, sde, (128, 2), "unipc", 8, iterations=30, dtype=torch.float64, seed=1)
+    assert r.loss < r.loss_init and r.nfe > 30 * 8 and r.seconds > 0
+    x_T = sde.prior_sample((512, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref = sample(score, sde, (512, 2), "rk45", x_T=x_T, rtol=1e-10, atol=1e-10)
+    default = median_error(score, sde, "unipc", sdekit.samplers.grids.uniform_log_snr(sde, 8, dtype=torch.float64), x_T, ref)
+    tuned = median_error(score, sde, "unipc", r.grid(torch.float64), x_T, ref)
+    assert tuned < default / 3, (tuned, default)
+
+
+def test_sample_with_an_optimized_grid_uses_and_fills_the_cache(tmp_path):
+    """grid='optimized' computes the grid once and caches it as JSON keyed by sampler, steps, options and SDE; the
+    second call reads it (no calibration evaluations) and gives the same samples; other options get their own grid."""
+    sde, gmm = sdekit.VPSDE(), mixture(torch.float32)
+    calls = []
+    score = lambda x, t: calls.append(1) or gmm.score(x, t, sde)
+    cache = tmp_path / "grids.json"
+    x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(0))
+    a, info = sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T,
+                     return_info=True)
+    first = len(calls)
+    assert info["nfe"] == 5 and first > 100 and cache.exists()
+    calls.clear()
+    b = sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T)
+    assert len(calls) == 5 and torch.equal(a, b)
+    entry = load_grid(cache, "dpmpp_2m", 5, sde)
+    assert entry is not None and len(entry.ts) == 6 and entry.loss <= entry.loss_init
+    sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T, lower_order_final=False)
+    assert len(json.loads(cache.read_text())["grids"]) == 2
+    assert load_grid(cache, "dpmpp_2m", 6, sde) is None and load_grid(cache, "dpmpp_2m", 5, sdekit.VPSDE(beta_max=10)) is None
+
+
+def test_optimize_refuses_what_it_cannot_optimise():
+    sde, gmm = sdekit.VPSDE(), mixture(torch.float32)
+    score = gmm.score_fn(sde)
+    with pytest.raises(ValueError, match="not a deterministic fixed-step sampler"):
+        optimize_grid(score, sde, (8, 2), "euler_maruyama", 5)
+    with pytest.raises(ValueError, match="not a deterministic fixed-step sampler"):
+        optimize_grid(score, sde, (8, 2), "rk45", 5)
+    with pytest.raises(ValueError, match="pass neither ts nor to_zero"):
+        sample(score, sde, (8, 2), "unipc", grid="optimized", to_zero=True)
+    with pytest.raises(ValueError, match="unknown time grid"):
+        sample(score, sde, (8, 2), "unipc", grid="optimised")
+
+
+def test_frontier_measures_the_peers_on_the_same_oracle():
+    """A small run of the low-NFE comparison with diffusers (skipped without it): every library's rows are finite at
+    5 and 10 NFE (diffusers' 3M turns NaN on Karras and Lu grids only from 15 steps), the best per budget respects the
+    budget, and the ratio is sdekit-best / peer-best."""
+    pytest.importorskip("diffusers")
+    from sdekit.samplers.frontier import frontier_markdown, run_frontier
+
+    r = run_frontier(budgets=(5, 10), batch=64, optimized=False)
+    assert "diffusers" in r["peers_measured"]
+    for lib in ["sdekit", *r["peers_measured"]]:
+        rows = [q for q in r["rows"] if q["library"] == lib]
+        assert rows and all(math.isfinite(q["error"]) for q in rows), lib
+    for budget in ("5", "10"):
+        best = r["best"][budget]
+        assert all(b["nfe"] <= int(budget) for b in best.values() if b)
+        peer = min(best[lib]["error"] for lib in r["peers_measured"])
+        assert r["ratios"][budget] == pytest.approx(best["sdekit"]["error"] / peer)
+    assert frontier_markdown(r).startswith("| NFE | sdekit |")
