@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..sde import SDE
 
-__all__ = ["DiscreteVPSDE", "DiffusersScore", "from_diffusers"]
+__all__ = ["DiscreteVPSDE", "DiffusersScore", "from_diffusers", "vp_trained_betas", "run_scheduler"]
 
 PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction", "v": "v_prediction",
                "sample": "sample", "x0": "sample"}
@@ -145,3 +145,47 @@ def from_diffusers(model: Callable, scheduler=None, *, alphas_cumprod=None, pred
         raise ValueError("from_diffusers needs a scheduler or alphas_cumprod")
     sde = DiscreteVPSDE(alphas_cumprod)
     return DiffusersScore(model, sde, prediction_type or "epsilon", model_kwargs), sde
+
+
+# --- a diffusers scheduler driven by an sdekit score (the accuracy report's peer measurement) ----------------------
+def vp_trained_betas(sde: SDE, n: int = 1000) -> Tensor:
+    """float64 betas (n,) whose alphas_cumprod[k] equal alpha(t_k)^2 of sde at t_k = t_min + k (t_max - t_min) / (n - 1),
+    so timestep n - 1 is t_max and timestep 0 is t_min (a VP SDE: alpha^2 + sigma^2 = 1)."""
+    t = torch.linspace(sde.t_min, sde.t_max, n, dtype=torch.float64)
+    ac = sde.marginal(t)[0] ** 2
+    return 1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+
+
+def run_scheduler(scheduler: str, config: dict, score_fn: Callable, sde: SDE, x_T: Tensor, steps: int,
+                  n_train: int = 1000) -> tuple[Tensor, int]:
+    """Sample with diffusers' `scheduler` (a class name: DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+    DEISMultistepScheduler, DDIMScheduler, ...) for sde's probability-flow ODE from x_T at t_max, `steps` steps.
+
+    The scheduler gets trained_betas reproducing sde at its timesteps (`vp_trained_betas`) and, where it has one,
+    final_sigmas_type="sigma_min", so it ends at t_min. Its model is eps = -sigma_t score_fn(x, t) evaluated at the
+    noise level its update assumes (scheduler.sigmas[i] where it keeps sigmas, else the timestep's t), so rounding
+    Karras or Lu timesteps to integers does not count against it. Returns (x at t_min, NFE). Its warnings are muted.
+    """
+    import inspect
+    import warnings
+
+    diffusers = _require_diffusers()
+    cls = getattr(diffusers, scheduler)
+    betas = vp_trained_betas(sde, n_train).numpy()
+    t_of = lambda k: sde.t_min + float(k) * (sde.t_max - sde.t_min) / (n_train - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extra = {"final_sigmas_type": "sigma_min"} if "final_sigmas_type" in inspect.signature(cls.__init__).parameters else {}
+        sched = cls(num_train_timesteps=n_train, trained_betas=betas, prediction_type="epsilon", **extra, **config)
+        sched.set_timesteps(steps)
+        x, nfe = x_T.clone(), 0
+        for i, k in enumerate(sched.timesteps):
+            if hasattr(sched, "sigmas"):
+                t = float(sde.t_from_sigma_ratio(torch.tensor(float(sched.sigmas[i]), dtype=torch.float64)))
+            else:
+                t = t_of(int(k))
+            tb = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+            eps = -sde.marginal(tb[:1])[1] * score_fn(x, tb)
+            nfe += 1
+            x = sched.step(eps, k, x).prev_sample
+    return x, nfe

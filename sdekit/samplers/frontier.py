@@ -5,7 +5,7 @@ same exact Gaussian-mixture score, from the same 1024 draws of x_T, and is score
 distance to a float64 rk45 solution at rtol = atol = 1e-11 from the same x_T. For each NFE budget, each library's
 best sampler and grid (among the ones it recommends) is reported, and the ratio sdekit-best / peer-best.
 
-Wiring (`diffusers_rows`, `kdiffusion_rows`):
+Wiring (`sdekit.interop.diffusers.run_scheduler`, `sdekit.interop.kdiffusion.run_sampler`):
 - diffusers schedulers get `trained_betas` for which alphas_cumprod[k] = alpha(t_k)^2 at t_k = t_min + k (t_max -
   t_min) / 999 (k = 0..999), so timestep 999 is t_max, and `final_sigmas_type="sigma_min"` (DDIM:
   set_alpha_to_one=False; DEIS ends there by itself) so the last step lands on t_min, where the reference is. The model is evaluated at the
@@ -20,13 +20,7 @@ Wiring (`diffusers_rows`, `kdiffusion_rows`):
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
-import sys
 import time
-import types
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -34,12 +28,11 @@ import torch
 from torch import Tensor
 
 from ..data import EXACT_MIXTURES
-from ..precond import data_prediction
 from ..sde import SDE, VPSDE
 from . import SAMPLERS, sample
 from .optimize import optimize_grid
 
-__all__ = ["run_frontier", "sdekit_rows", "diffusers_rows", "kdiffusion_rows", "load_kdiffusion_sampling",
+__all__ = ["run_frontier", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
            "SDEKIT_CANDIDATES", "BUDGETS", "frontier_markdown"]
 
 BUDGETS = (5, 10, 15, 20)
@@ -78,15 +71,7 @@ def sdekit_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUD
     return rows
 
 
-# --- diffusers ------------------------------------------------------------------------------------------------------
-def _vp_betas(sde: SDE, n: int = 1000) -> tuple[np.ndarray, Callable[[float], float]]:
-    """trained_betas reproducing alpha(t_k)^2 at t_k = t_min + k (t_max - t_min) / (n - 1), and timestep -> t."""
-    t = torch.linspace(sde.t_min, sde.t_max, n, dtype=torch.float64)
-    ac = sde.marginal(t)[0] ** 2
-    betas = 1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-    return betas.numpy(), lambda k: sde.t_min + float(k) * (sde.t_max - sde.t_min) / (n - 1)
-
-
+# --- diffusers -------------------------------------------------------------------------------------------------------
 DIFFUSERS_CONFIGS = [
     # (label, scheduler class name, config, grid label)
     ("DPM++ 2M", "DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="dpmsolver++"), "default"),
@@ -101,112 +86,48 @@ DIFFUSERS_CONFIGS = [
     ("UniPC bh1", "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh1", use_karras_sigmas=True), "karras"),
     ("DEIS-3", "DEISMultistepScheduler", dict(solver_order=3), "default"),
     ("DEIS-3", "DEISMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True), "karras"),
-    ("DDIM", "DDIMScheduler", dict(set_alpha_to_one=False, timestep_spacing="trailing"), "trailing"),
+    ("DDIM", "DDIMScheduler", dict(set_alpha_to_one=False, timestep_spacing="trailing", clip_sample=False), "trailing"),
 ]
 
 
 def diffusers_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUDGETS) -> list[dict]:
-    diffusers = importlib.import_module("diffusers")
-    betas, t_of_timestep = _vp_betas(sde)
+    from ..interop.diffusers import run_scheduler
     rows = []
     for label, cls_name, config, grid in DIFFUSERS_CONFIGS:
-        cls = getattr(diffusers, cls_name)
         for budget in budgets:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                accepted = inspect.signature(cls.__init__).parameters
-                extra = {"final_sigmas_type": "sigma_min"} if "final_sigmas_type" in accepted else {}
-                sched = cls(num_train_timesteps=len(betas), trained_betas=betas, prediction_type="epsilon", **extra, **config)
-                sched.set_timesteps(budget)
-                x, nfe = x_T.clone(), 0
-                for i, k in enumerate(sched.timesteps):
-                    if hasattr(sched, "sigmas"):
-                        t = float(sde.t_from_sigma_ratio(torch.tensor(float(sched.sigmas[i]), dtype=torch.float64)))
-                    else:
-                        t = t_of_timestep(int(k))
-                    tb = torch.full((x.shape[0],), t, dtype=x.dtype)
-                    eps = -sde.marginal(tb[:1])[1] * score(x, tb)
-                    nfe += 1
-                    x = sched.step(eps, k, x).prev_sample
+            x, nfe = run_scheduler(cls_name, config, score, sde, x_T, budget)
             rows.append(dict(library="diffusers", sampler=label, grid=grid, budget=budget, steps=budget, nfe=nfe,
                              error=_median_distance(x, ref) if torch.isfinite(x).all() else float("nan")))
     return rows
 
 
 # --- k-diffusion ------------------------------------------------------------------------------------------------------
-def load_kdiffusion_sampling() -> types.ModuleType:
-    """k_diffusion.sampling; if the package import fails (torchvision etc.), its sampling.py alone."""
-    try:
-        return importlib.import_module("k_diffusion.sampling")
-    except ImportError:
-        pass
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the k-diffusion comparison needs k-diffusion: pip install -c constraints.txt --no-deps "
-                          "k-diffusion (and torchdiffeq)")
-    name = "_sdekit_kdiffusion"
-    if name + ".sampling" in sys.modules:
-        return sys.modules[name + ".sampling"]
-    package = types.ModuleType(name)
-    package.__path__ = []
-    utils = types.ModuleType(name + ".utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    sys.modules[name], sys.modules[name + ".utils"] = package, utils
-    package.utils = utils
-    path = list(spec.submodule_search_locations)[0] + "/sampling.py"
-    sampling_spec = importlib.util.spec_from_file_location(name + ".sampling", path)
-    module = importlib.util.module_from_spec(sampling_spec)
-    sys.modules[name + ".sampling"] = module
-    sampling_spec.loader.exec_module(module)
-    return module
-
-
-KDIFFUSION_SAMPLERS = [  # (label, function name, NFE per step, extra keywords)
-    ("euler", "sample_euler", 1, {}), ("heun", "sample_heun", 2, {}), ("dpm_2", "sample_dpm_2", 2, {}),
-    ("lms", "sample_lms", 1, {}), ("dpmpp_2m", "sample_dpmpp_2m", 1, {}),
-    ("dpmpp_3m (sde, eta=0)", "sample_dpmpp_3m_sde", 1, {"eta": 0.0, "noise_sampler": lambda *a: None}),
+KDIFFUSION_SAMPLERS = [  # (label, sampler name, NFE per step, options)
+    ("euler", "euler", 1, {}), ("heun", "heun", 2, {}), ("dpm_2", "dpm_2", 2, {}), ("lms", "lms", 1, {}),
+    ("dpmpp_2m", "dpmpp_2m", 1, {}),
+    ("dpmpp_3m (sde, eta=0)", "dpmpp_3m_sde", 1, {"eta": 0.0, "noise_sampler": lambda *a: None}),
 ]
 
 
 def kdiffusion_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUDGETS) -> list[dict]:
-    K = load_kdiffusion_sampling()
-    t_ends = torch.tensor([sde.t_max, sde.t_min], dtype=torch.float64)
-    s_max, s_min = (float(v) for v in sde.sigma_ratio(t_ends))
-    a_max, a_min = (float(v) for v in sde.marginal(t_ends)[0])
-    calls = [0]
-
-    def denoiser(y: Tensor, sigma: Tensor) -> Tensor:
-        calls[0] += 1
-        t = sde.t_from_sigma_ratio(sigma.to(torch.float64)).to(y.dtype)
-        alpha, sig = sde.marginal(t)
-        x = alpha[:, None] * y
-        return data_prediction(score(x, t), x, alpha, sig)
-
-    grids = {"karras": lambda n: K.get_sigmas_karras(n, s_min, s_max, rho=7.0),
-             "exponential": lambda n: K.get_sigmas_exponential(n, s_min, s_max)}
+    from ..interop.kdiffusion import run_sampler, sigmas
+    grids = ["karras", "exponential"]
     if isinstance(sde, VPSDE) and sde.schedule == "linear" and sde.t_max == 1.0:
-        grids["vp"] = lambda n: K.get_sigmas_vp(n, beta_d=sde.beta_max - sde.beta_min, beta_min=sde.beta_min, eps_s=sde.t_min)
+        grids.append("vp")
+    err = lambda x: _median_distance(x, ref) if torch.isfinite(x).all() else float("nan")
     rows = []
     for budget in budgets:
-        for label, fn_name, per_step, extra in KDIFFUSION_SAMPLERS:
+        for label, name, per_step, options in KDIFFUSION_SAMPLERS:
             steps = budget // per_step
             if steps < 1:
                 continue
-            for grid, make in grids.items():
-                sigmas = make(steps + 1)[:-1].to(torch.float64)          # steps + 1 values, sigma_max ... sigma_min
-                calls[0] = 0
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    y = getattr(K, fn_name)(denoiser, x_T / a_max, sigmas, disable=True, **extra)
-                x = a_min * y
-                rows.append(dict(library="k-diffusion", sampler=label, grid=grid, budget=budget, steps=steps, nfe=calls[0],
-                                 error=_median_distance(x, ref) if torch.isfinite(x).all() else float("nan")))
-        calls[0] = 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            y = K.sample_dpm_fast(denoiser, x_T / a_max, s_min, s_max, budget, disable=True)
+            for grid in grids:
+                x, nfe = run_sampler(name, score, sde, x_T, sigmas(grid, sde, steps), **options)
+                rows.append(dict(library="k-diffusion", sampler=label, grid=grid, budget=budget, steps=steps, nfe=nfe,
+                                 error=err(x)))
+        x, nfe = run_sampler("dpm_fast", score, sde, x_T, steps=budget)
         rows.append(dict(library="k-diffusion", sampler="dpm_fast", grid="dpm-solver", budget=budget, steps=budget,
-                         nfe=calls[0], error=_median_distance(a_min * y, ref) if torch.isfinite(y).all() else float("nan")))
+                         nfe=nfe, error=err(x)))
     return rows
 
 
