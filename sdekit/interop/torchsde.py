@@ -26,7 +26,7 @@ from ..sde import SDE
 
 torchsde = require("torchsde", __name__)
 
-__all__ = ["reverse_sde", "GridBrownian", "ITO_METHODS", "STRATONOVICH_METHODS"]
+__all__ = ["reverse_sde", "GridBrownian", "brownian_interval", "ITO_METHODS", "STRATONOVICH_METHODS"]
 
 ITO_METHODS = ("euler", "milstein", "srk")
 STRATONOVICH_METHODS = ("heun", "midpoint", "euler_heun", "log_ode", "milstein", "reversible_heun")
@@ -105,6 +105,24 @@ class GridBrownian(torchsde.BaseBrownian):
     @property
     def levy_area_approximation(self):
         return "none"
+
+
+def brownian_interval(ts: Tensor, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+                      levy_area: bool = False, dtype: torch.dtype | None = None, device=None, **kwargs):
+    """torchsde's BrownianInterval over the interval of the grid ts (increasing or decreasing), for `simulate(bm=...)`.
+
+    shape: (B, m), the increments' shape for the noise type. The entropy is one draw from `generator` (a seed gives
+    the same path); levy_area=True adds space-time Levy area (srk). dtype/device default to ts's. kwargs go to
+    BrownianInterval (e.g. dt, cache_size). sdekit reads such a path through its call protocol (it never imports
+    torchsde for that); this helper only builds one. sdekit's own paths (BrownianGrid, VirtualBrownianTree) follow
+    the same protocol, so torchsde.sdeint accepts them as bm too.
+    """
+    t = ts.detach().to("cpu", torch.float64)
+    entropy = int(torch.randint(0, 2**31 - 1, (1,), generator=generator,
+                                device=generator.device if generator is not None else "cpu"))
+    return torchsde.BrownianInterval(t0=float(t.min()), t1=float(t.max()), size=tuple(shape), dtype=dtype or ts.dtype,
+                                     device=device if device is not None else ts.device, entropy=entropy,
+                                     levy_area_approximation="space-time" if levy_area else "none", **kwargs)
 
 
 def reverse_sde(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, method: str = "euler",
