@@ -49,14 +49,16 @@ def test_optimized_grid_beats_the_default_on_held_out_draws():
 
 def test_sample_with_an_optimized_grid_uses_and_fills_the_cache(tmp_path):
     """grid='optimized' computes the grid once and caches it as JSON keyed by sampler, steps, options and SDE; the
-    second call reads it (no calibration evaluations) and gives the same samples; other options get their own grid."""
+    second call reads it (no calibration evaluations) and gives the same samples; other options get their own grid;
+    it works under torch.no_grad()."""
     sde, gmm = sdekit.VPSDE(), mixture(torch.float32)
     calls = []
     score = lambda x, t: calls.append(1) or gmm.score(x, t, sde)
     cache = tmp_path / "grids.json"
     x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(0))
-    a, info = sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T,
-                     return_info=True)
+    with torch.no_grad():                                   # the optimisation takes its own gradients
+        a, info = sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T,
+                         return_info=True)
     first = len(calls)
     assert info["nfe"] == 5 and first > 100 and cache.exists()
     calls.clear()

@@ -108,6 +108,18 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
         x = spec.fn(counted, sde, x_T, ts, **options)
         return (x - ref).reshape(shape[0], -1).norm(dim=1).mean()
 
+    with torch.enable_grad():                              # also under a caller's torch.no_grad()
+        best_loss, best_theta, loss_init = _adam(loss_of, theta, opt, iterations, sampler, steps, progress)
+    ts = grid_from_theta(sde, best_theta)
+    return OptimizedGrid(sampler=sampler, steps=int(steps), options=options, sde=sde.config(), ts=ts.tolist(),
+                         init_grid=init_grid, loss_init=float(loss_init), loss=float(best_loss), iterations=iterations,
+                         seconds=time.perf_counter() - t0, nfe=counted.nfe,
+                         calibration=dict(batch=shape[0], shape=list(shape), seed=seed, dtype=str(dtype).replace("torch.", ""),
+                                          reference=f"rk45 rtol=atol={reference_tol:g}", lr=lr))
+
+
+def _adam(loss_of, theta, opt, iterations, sampler, steps, progress):
+    """Adam on theta; returns (best loss, its theta, the starting loss)."""
     best_loss, best_theta, loss_init = math.inf, theta.detach().clone(), None
     for it in range(iterations + 1):
         loss = loss_of(theta)
@@ -125,12 +137,7 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
         opt.step()
         if progress:
             print(f"optimize_grid {sampler} {steps} steps: iteration {it + 1}/{iterations} loss {value:.4e}", flush=True)
-    ts = grid_from_theta(sde, best_theta)
-    return OptimizedGrid(sampler=sampler, steps=int(steps), options=options, sde=sde.config(), ts=ts.tolist(),
-                         init_grid=init_grid, loss_init=float(loss_init), loss=float(best_loss), iterations=iterations,
-                         seconds=time.perf_counter() - t0, nfe=counted.nfe,
-                         calibration=dict(batch=shape[0], shape=list(shape), seed=seed, dtype=str(dtype).replace("torch.", ""),
-                                          reference=f"rk45 rtol=atol={reference_tol:g}", lr=lr))
+    return best_loss, best_theta, loss_init
 
 
 def _deterministic(sampler: str, options: dict) -> bool:
