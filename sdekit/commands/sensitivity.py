@@ -8,10 +8,12 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from .._imports import pyplot
 from ..sensitivity.compare import METHODS, run, strong_errors
+from ..solvers import SCHEMES
 from ..sensitivity.problems import PROBLEMS, make_problem
 
 __all__ = ["main", "format_table"]
@@ -41,15 +43,19 @@ def format_table(result: dict, max_params: int = 4) -> str:
     return "\n".join(lines)
 
 
+def _strong_schemes(strong: dict) -> list[str]:
+    """The schemes in a strong_errors result (its other keys are the grid: steps, h)."""
+    return [k for k, v in strong.items() if isinstance(v, dict) and "errors" in v]
+
+
 def _plots(result: dict, strong: dict | None, out: Path) -> None:
     plt = pyplot("the sensitivity plots")
 
     if strong is not None:
         fig, ax = plt.subplots(figsize=(5, 4))
-        for scheme in ("euler", "milstein", "heun"):
-            if scheme in strong:
-                ax.loglog(strong["h"], strong[scheme]["errors"], "o-",
-                          label=f"{scheme}: slope {strong[scheme]['slope']:.2f} (order {strong[scheme]['order']})")
+        for scheme in _strong_schemes(strong):
+            ax.loglog(strong["h"], strong[scheme]["errors"], "o-",
+                      label=f"{scheme}: slope {strong[scheme]['slope']:.2f} (order {strong[scheme]['order']})")
         ax.set_xlabel("step size h")
         ax.set_ylabel("mean |J_h(T) - J(T)|")
         ax.set_title(f"strong error of dX_T/dtheta, {result['problem']}")
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--problem", default="gbm", choices=sorted(PROBLEMS))
     ap.add_argument("--paths", type=int, default=10000)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--scheme", default="euler", choices=["euler", "milstein", "heun"])
+    ap.add_argument("--scheme", default="euler", choices=sorted(SCHEMES), help="a scheme of sdekit.solvers.SCHEMES")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fd-h", type=float, default=1e-3, help="finite-difference step")
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
@@ -90,13 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.paths < 2 or args.steps < 1:
         ap.error(f"need --paths >= 2 and --steps >= 1, got {args.paths}, {args.steps}")
     problem = make_problem(args.problem)
-    result = run(problem, args.paths, args.steps, args.scheme, args.seed, args.fd_h, args.methods)
+    try:
+        result = run(problem, args.paths, args.steps, args.scheme, args.seed, args.fd_h, args.methods)
+    except ValueError as e:                      # e.g. a scheme a method cannot differentiate
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     strong = strong_errors(problem, paths=args.strong_paths) if problem.exact_J is not None else None
     if strong is not None:
         result["strong_error"] = strong
     print(format_table(result))
     if strong is not None:
-        print("strong order of J (fitted slope): " + ", ".join(f"{s} {strong[s]['slope']:.2f}" for s in ("euler", "milstein", "heun")))
+        print("strong order of J (fitted slope): " + ", ".join(f"{s} {strong[s]['slope']:.2f}" for s in _strong_schemes(strong)))
     out = Path(args.out or os.path.join("runs", "sensitivity", args.problem))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
