@@ -166,7 +166,7 @@ for name in ("sdekit.interop.diffrax", "sdekit.interop.torchsde"):
         errors[name] = str(e)
 try:
     from sdekit.sensitivity import adjoint
-    adjoint.mean_gradient(f, g, x0[:4], theta, ts[:3], dW[:2, :4], lambda x: x.sum(-1))
+    adjoint.mean_gradient(f, g, x0[:4], theta, ts[:3], dW[:2, :4], lambda x: x.sum(-1), "euler", backend="torchsde")
     errors["adjoint"] = None
 except ImportError as e:
     errors["adjoint"] = str(e)

@@ -305,7 +305,7 @@ def test_adjoint_without_torchsde_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchsde", None)
     monkeypatch.delitem(sys.modules, "sdekit.interop.torchsde", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'sdekit\[torchsde\]'"):
-        adjoint.mean_gradient(pb.f, pb.g, x0, pb.theta, ts, dW, pb.loss)
+        adjoint.mean_gradient(pb.f, pb.g, x0, pb.theta, ts, dW, pb.loss, "euler", backend="torchsde")
 
 
 def test_only_the_adapters_import_their_frameworks():

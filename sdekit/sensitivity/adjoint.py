@@ -1,48 +1,215 @@
-"""torchsde's stochastic adjoint (`sdeint_adjoint`) on the same Brownian increments.
+"""Gradients of mean_b L(X_T^b) in memory that does not grow like backprop's tape: sdekit's own backward passes,
+and torchsde's stochastic adjoint for comparison.
 
-The increments dW over ts become a piecewise-linear Brownian path W(t) (exact at the grid points,
-which is all a fixed-step solve on ts queries). The adjoint solves a backward SDE with its own
-discretisation, so its gradient matches backprop only up to discretisation error: O(h^{1/2}) for
-Euler on multiplicative noise (stated tolerances in tests/test_sensitivity_methods.py).
-Ito, diagonal noise, increasing ts only.
+backend="native" (default)
+  - reversible_heun (and any scheme with an exact inverse step, `Scheme.inverse`): the reversible adjoint of Kidger,
+    Foster, Li and Lyons (2021, "Efficient and accurate gradients for neural SDEs"). The forward pass keeps only
+    the final state (x, z, f(z), g(z)). The backward pass walks the grid from the end: each step rebuilds the state
+    at t_n from the state at t_{n+1} with the scheme's inverse step (exact in exact arithmetic, so the rebuilt path
+    is the forward path up to round-off), then takes the vector-Jacobian product of the forward step map at that
+    state. The gradient is therefore backprop's through the same discrete solve (to round-off: 1e-10 relative in
+    float64 in the tests), with memory independent of N: one state, one adjoint, one step's intermediates.
+    The per-step backward (inverse step + VJP) is traced once into straight-line code, like the forward step.
+  - any other scheme: checkpointed backprop. The forward pass stores the state every ceil(N / checkpoints) steps
+    (default checkpoints = ceil(sqrt(N))); the backward pass re-runs each segment with a tape, last segment first,
+    and backpropagates through it. Memory O(checkpoints + N / checkpoints) states and taped steps, O(sqrt(N)) by
+    default; time about one extra primal solve over backprop. Pass `checkpoints=` to trade memory for time (the
+    tape of one segment of N / checkpoints steps is what is held at once).
+backend="checkpoint": checkpointed backprop for any scheme (reversible_heun too).
+backend="torchsde": `torchsde.sdeint_adjoint` on the same Brownian increments (via `sdekit.interop.torchsde`), which
+  solves the continuous adjoint SDE backwards with its own discretisation, so its gradient matches backprop only up
+  to discretisation error (O(h^{1/2}) for Euler on multiplicative noise). Reverse-time grids are solved in s = -t.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
-from ..solvers import Field, check_inputs
+from ..solvers import Field, get_scheme, init_state, inverse_map, per_step, step_map
+from ..solvers._tracing import cached_trace, field_state
+from ._common import check_wrt, increments, irregular, primal_runner
 
-__all__ = ["mean_gradient"]
+__all__ = ["mean_gradient", "BACKENDS"]
+
+BACKENDS = ("native", "checkpoint", "torchsde")
+
+
+def mean_gradient(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor | None,
+                  loss: Callable[[Tensor], Tensor], scheme: str = "reversible_heun", *, noise: str = "diagonal",
+                  levy_area: Tensor | None = None, bm=None, backend: str = "native", checkpoints: int | None = None,
+                  wrt: str = "theta", dg: Field | None = None, trace: bool = True, adjoint_method: str | None = None):
+    """d/dtheta of mean_b L(X_T^b) for the scheme's solve on ts driven by dW: (P,) (wrt="x0": (B, d); "both": the pair).
+
+    f, g, x0 (B, d), theta (P,), ts (N+1,), dW (N, B, m), levy_area, bm, noise, scheme: as `sdekit.simulate`.
+    loss: (B, d) -> (B,). backend: "native" (reversible adjoint for reversible_heun, checkpointed backprop for
+    other schemes), "checkpoint" (checkpointed backprop for any scheme), or "torchsde" (torchsde's adjoint SDE;
+    adjoint_method defaults to the scheme's own, "adjoint_reversible_heun" for reversible_heun).
+    checkpoints: stored states for checkpointed backprop (default ceil(sqrt(N))); memory budget in states.
+    """
+    check_wrt(wrt)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if backend == "torchsde":
+        return _torchsde(f, g, x0, theta, ts, dW, loss, scheme, noise, levy_area, bm, wrt, adjoint_method)
+    dW, H = increments(f, g, x0, theta, ts, dW, scheme, noise=noise, levy_area=levy_area, bm=bm)
+    sch = get_scheme(scheme)
+    if checkpoints is not None and (int(checkpoints) != checkpoints or checkpoints < 1):
+        raise ValueError(f"checkpoints must be a positive integer, got {checkpoints!r}")
+    theta, x0 = theta.detach(), x0.detach()
+    dW = dW.detach()
+    H = None if H is None else H.detach()
+    if backend == "native" and sch.inverse is not None:
+        a, g_theta = _reversible(f, g, x0, theta, ts, dW, H, loss, scheme, noise, dg, trace)
+    else:
+        a, g_theta = _checkpointed(f, g, x0, theta, ts, dW, H, loss, scheme, noise, dg, trace, checkpoints)
+    # through the initial state (x0 itself, or the scheme's init)
+    if sch.stateful:
+        init = lambda x, th: tuple(init_state(scheme, f, g, ts[0], x, th, noise=noise))   # noqa: E731
+        _, vjp = torch.func.vjp(init, x0, theta)
+        g_x0, g_th0 = vjp(a)
+        g_theta = g_theta + g_th0
+    else:
+        g_x0 = a[0]
+    return {"theta": g_theta, "x0": g_x0, "both": (g_theta, g_x0)}[wrt]
+
+
+def _end_adjoint(y: tuple, loss: Callable) -> tuple:
+    """The adjoint of the final state: d mean L(x_N)/dx_N for x, zero for the rest of the state."""
+    with torch.enable_grad():
+        x = y[0].detach().requires_grad_(True)
+        a_x = torch.autograd.grad(loss(x).mean(), x)[0]
+    return (a_x, *(torch.zeros_like(v) for v in y[1:]))
+
+
+def _forward_pass(run, y: tuple, ts: Tensor, incs: tuple, keep_every: int | None = None) -> tuple[tuple, dict]:
+    """The primal solve with the traced step; returns the final state and, if asked, the states every keep_every steps."""
+    h = ts[1:] - ts[:-1]
+    kept = {}
+    with torch.no_grad():
+        for n, (t, hn, *w) in enumerate(per_step(ts, h, *incs)):
+            if keep_every is not None and n % keep_every == 0:
+                kept[n] = y
+            y = run(t, hn, *y, *w)
+    return y, kept
+
+
+def _reversible(f, g, x0, theta, ts, dW, H, loss, scheme, noise, dg, trace):
+    """The reversible adjoint: the path rebuilt backwards with the exact inverse step, one local VJP per step."""
+    sch = get_scheme(scheme)
+    step = step_map(scheme, f, g, dg, noise=noise)
+    inv = inverse_map(scheme, f, g, noise=noise)
+    wrap = (lambda y: tuple(y)) if sch.stateful else (lambda y: (y,))
+    incs = (dW,) if H is None else (dW, H)
+    nw = len(incs)
+    run = primal_runner(scheme, f, g, x0, theta, ts, dW, H, noise=noise, dg=dg, trace=trace)
+    y0 = wrap(init_state(scheme, f, g, ts[0], x0, theta, noise=noise))
+    ns = len(y0)
+    yN, _ = _forward_pass(run, y0, ts, incs)
+    a = _end_adjoint(yN, loss)
+
+    def back_step(t, hn, *args):
+        # args = (*state at t + h, *increments, theta, *adjoint at t + h) -> (*state at t, *adjoint at t, dtheta)
+        y1, ws, th, a1 = args[:ns], args[ns:ns + nw], args[ns + nw], args[ns + nw + 1:]
+        y = wrap(inv(t, hn, *y1, *ws, th))
+        _, vjp = torch.func.vjp(lambda *v: wrap(step(t, hn, *v[:-1], *ws, v[-1])), *y, th)
+        return (*y, *vjp(tuple(a1)))
+
+    h = ts[1:] - ts[:-1]
+    N = h.shape[0]
+    th_pos = 2 + ns + nw
+    if trace:
+        k = N - 2 if N > 1 else 0
+        w_last = tuple(v[N - 1] for v in incs)
+        wk = tuple(v[k] for v in incs)
+        yk = tuple(v + 0.01 * irregular(v) for v in yN)
+        ak = tuple(v + 0.1 * irregular(v) for v in a)
+        key = ("adjoint-reversible", scheme, noise, dW.shape[-1], field_state(f, g, dg)[0], *x0.shape, theta.shape,
+               x0.dtype, x0.device)
+        bind = cached_trace(key, lambda: back_step, (ts[N - 1], h[N - 1], *yN, *w_last, theta, *a),
+                            (ts[k], h[k], *yk, *wk, theta, *ak), invariant=(th_pos,))
+        back = bind(theta)
+    else:
+        back = lambda t, hn, *args: back_step(t, hn, *args[:ns + nw], theta, *args[ns + nw:])   # noqa: E731
+    y, g_theta = yN, torch.zeros_like(theta)
+    with torch.no_grad():
+        for n in range(N - 1, -1, -1):
+            out = back(ts[n], h[n], *y, *(v[n] for v in incs), *a)
+            y, a = out[:ns], out[ns:2 * ns]
+            g_theta = g_theta + out[-1]
+    return a, g_theta
+
+
+def _checkpointed(f, g, x0, theta, ts, dW, H, loss, scheme, noise, dg, trace, checkpoints):
+    """Checkpointed backprop: states stored every `seg` steps, each segment re-run with a tape, last first."""
+    sch = get_scheme(scheme)
+    step = step_map(scheme, f, g, dg, noise=noise)
+    wrap = (lambda y: tuple(y)) if sch.stateful else (lambda y: (y,))
+    incs = (dW,) if H is None else (dW, H)
+    N = ts.shape[0] - 1
+    n_ckpt = math.ceil(math.sqrt(N)) if checkpoints is None else min(int(checkpoints), N)
+    seg = math.ceil(N / n_ckpt)
+    run = primal_runner(scheme, f, g, x0, theta, ts, dW, H, noise=noise, dg=dg, trace=trace)
+    y0 = wrap(init_state(scheme, f, g, ts[0], x0, theta, noise=noise))
+    yN, kept = _forward_pass(run, y0, ts, incs, keep_every=seg)
+    a = _end_adjoint(yN, loss)
+    h = ts[1:] - ts[:-1]
+    g_theta = torch.zeros_like(theta)
+    for s in sorted(kept, reverse=True):
+        e = min(s + seg, N)
+        with torch.enable_grad():
+            ys = tuple(v.detach().requires_grad_(True) for v in kept.pop(s))
+            th = theta.detach().requires_grad_(True)
+            y = ys
+            for n in range(s, e):
+                y = wrap(step(ts[n], h[n], *y, *(v[n] for v in incs), th))
+            live = [(out, adj) for out, adj in zip(y, a) if out.requires_grad]
+            grads = torch.autograd.grad([o for o, _ in live], (*ys, th), [adj for _, adj in live], allow_unused=True)
+        a = tuple(torch.zeros_like(v) if gr is None else gr for v, gr in zip(ys, grads[:-1]))
+        if grads[-1] is not None:
+            g_theta = g_theta + grads[-1]
+        del y, live, grads
+    return a, g_theta
+
+
+# --- torchsde's adjoint ------------------------------------------------------------------------------------------
+_TORCHSDE_METHODS = {"euler": "euler", "milstein": "milstein", "srk": "srk", "euler_heun": "euler_heun", "heun": "heun",
+                     "midpoint": "midpoint", "reversible_heun": "reversible_heun"}
 
 
 class _SDE(nn.Module):
-    noise_type, sde_type = "diagonal", "ito"
-
-    def __init__(self, f: Field, g: Field, theta: Tensor):
+    def __init__(self, f: Field, g: Field, theta: Tensor, noise: str, sde_type: str, sign: float):
         super().__init__()
-        self.f_, self.g_ = f, g
+        self.f_, self.g_, self.sign = f, g, sign
+        self.noise_type, self.sde_type = noise, sde_type
         self.theta = nn.Parameter(theta.detach().clone())
 
-    def f(self, t, y):
-        return self.f_(t, y, self.theta)
+    def f(self, s, y):                       # in s = sign * t (s = -t on reverse-time grids): ds = sign dt
+        return self.sign * self.f_(self.sign * s, y, self.theta)
 
-    def g(self, t, y):
-        return self.g_(t, y, self.theta)
+    def g(self, s, y):
+        return self.g_(self.sign * s, y, self.theta)
 
 
-def mean_gradient(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor,
-                  loss: Callable[[Tensor], Tensor], method: str = "euler", adjoint_method: str = "euler") -> Tensor:
-    """d/dtheta of mean_b L(X_T^b) by torchsde.sdeint_adjoint with fixed steps on ts: (P,)."""
+def _torchsde(f, g, x0, theta, ts, dW, loss, scheme, noise, levy_area, bm, wrt, adjoint_method):
     from ..interop.torchsde import GridBrownian, torchsde  # the adapter imports torchsde or names the [torchsde] extra
-    check_inputs(f, g, x0, theta, ts, dW, "euler")
-    if not (ts[1:] > ts[:-1]).all():
-        raise ValueError("the torchsde adjoint needs increasing ts")
-    sde = _SDE(f, g, theta)
-    bm = GridBrownian(ts.contiguous(), dW)
-    dt = float((ts[1:] - ts[:-1]).min())
-    ys = torchsde.sdeint_adjoint(sde, x0.detach(), ts[[0, -1]], bm=bm, dt=dt, method=method,
-                                 adjoint_method=adjoint_method)
-    loss(ys[-1]).mean().backward()
-    return sde.theta.grad.detach()
+    if levy_area is not None or get_scheme(scheme).needs_levy_area:
+        raise ValueError(f"backend='torchsde' replays given increments, which carry no Levy area; scheme {scheme!r} "
+                         "needs it (use backend='native')")
+    dW, _ = increments(f, g, x0, theta, ts, dW, scheme, noise=noise, bm=bm)
+    sign = 1.0 if bool(ts[-1] > ts[0]) else -1.0
+    s = sign * ts                            # increasing; the reverse-time increments dW are those of W(s)
+    sde = _SDE(f, g, theta, noise, get_scheme(scheme).sde_type, sign)
+    path = GridBrownian(s.contiguous(), dW)
+    dt = float((s[1:] - s[:-1]).min())
+    method = _TORCHSDE_METHODS[scheme]
+    if adjoint_method is None:
+        adjoint_method = "adjoint_reversible_heun" if scheme == "reversible_heun" else method
+    x = x0.detach().clone().requires_grad_(wrt != "theta")
+    ys = torchsde.sdeint_adjoint(sde, x, s[[0, -1]], bm=path, dt=dt, method=method, adjoint_method=adjoint_method,
+                                 adjoint_params=(sde.theta,) if wrt == "theta" else (sde.theta, x))
+    inputs = {"theta": (sde.theta,), "x0": (x,), "both": (sde.theta, x)}[wrt]
+    grads = tuple(v.detach() for v in torch.autograd.grad(loss(ys[-1]).mean(), inputs))
+    return grads if wrt == "both" else grads[0]

@@ -1,14 +1,20 @@
 """Score-function (likelihood-ratio) estimator for drift parameters, via Girsanov on the Euler chain
-(the registry's "euler" step, `sdekit.solvers`).
+(the registry's "euler" step, `sdekit.solvers`), for every noise type.
 
-Under Euler-Maruyama, X_{n+1} | X_n ~ N(X_n + f h, g^2 |h|) componentwise, so the path's log-density
-has theta-derivative  S = sum_n sign(h_n) sum_i (df_i/dtheta)(t_n, X_n) dW_{n,i} / g_i(t_n, X_n)
-(the residual dW = X_{n+1} - X_n - f h meets the drift's derivative times h, over the variance g^2 |h|;
-on a decreasing grid h < 0 flips the sign)
-(the discrete Girsanov score), and dE[L(X_N)]/dtheta = E[L(X_N) S] exactly for the Euler chain:
-no derivative of L and none through the path. It only exists for parameters that leave g unchanged
-(else the path measures are mutually singular); those columns come back as NaN. Its variance is
-typically far above the pathwise estimators' (see `compare`).
+Under Euler-Maruyama, X_{n+1} | X_n ~ N(X_n + f h, |h| S) with S = g g^T, so the path's log-density has
+theta-derivative
+
+    score = sum_n sign(h_n) (df/dtheta)(t_n, X_n)^T S^{-1} g dW_n
+
+(the residual X_{n+1} - X_n - f h = g dW meets the drift's derivative times h, over the variance |h| S; on a
+decreasing grid h < 0 flips the sign). Diagonal noise: S^{-1} g dW = dW / g; scalar, additive and general noise: S
+(B, d, d) is factorised (Cholesky) and solved for g dW each step. This is the discrete Girsanov score, and
+dE[L(X_N)]/dtheta = E[L(X_N) score] exactly for the Euler chain: no derivative of L and none through the path.
+
+It exists only where the transition has a density: S = g g^T must be invertible (m >= d with g of rank d; scalar
+noise only in d = 1), else ValueError naming the step and the path; and only for parameters that leave g unchanged
+(else the path measures are mutually singular); those columns come back as NaN. Its variance is typically far above
+the pathwise estimators' (see `compare`).
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..solvers import Field, check_inputs, get_scheme
+from ..solvers import Field, get_scheme
+from ._common import increments
 
 __all__ = ["path_gradients", "drift_only_parameters"]
 
@@ -29,13 +36,41 @@ def drift_only_parameters(g: Field, x0: Tensor, theta: Tensor, ts: Tensor) -> Te
     return (jg.reshape(theta.shape[0], -1) == 0).all(1)
 
 
-def path_gradients(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor,
-                   loss: Callable[[Tensor], Tensor], baseline: bool = False) -> Tensor:
-    """Per-path estimates L(X_N) S: (B, P), on the Euler chain driven by dW; NaN for non-drift parameters.
+def _whitened(gx: Tensor, dw: Tensor, noise: str, n: int) -> Tensor:
+    """S^{-1} g dW (B, d) with S = g g^T; ValueError where S is singular."""
+    if noise == "diagonal":
+        bad = gx == 0
+        if bool(bad.any()):
+            b, i = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"g is zero at step {n} (path {b}, component {i}): the Euler transition has no density there, "
+                             "so the score-function estimator does not exist (use a pathwise method)")
+        return dw / gx
+    S = gx @ gx.transpose(-1, -2)                                     # (B, d, d)
+    L, info = torch.linalg.cholesky_ex(S)
+    if bool((info > 0).any()):
+        b = int((info > 0).nonzero()[0])
+        d, m = gx.shape[-2:]
+        why = (f"scalar noise in d = {d} > 1 moves X along one direction only" if noise == "scalar" and d > 1 else
+               f"m = {m} < d = {d}" if m < d else "g has rank < d there")
+        raise ValueError(f"g g^T is singular at step {n} (path {b}): {why}, so the Euler transition has no density in "
+                         f"R^{d} and the score-function estimator does not exist; it needs g g^T invertible (m >= d, g of "
+                         "rank d). Use a pathwise method (forward, backprop, adjoint) instead")
+    return torch.cholesky_solve((gx @ dw.unsqueeze(-1)), L).squeeze(-1)
 
-    baseline=True subtracts the batch mean of L first (a control variate; still unbiased up to O(1/B)).
+
+def path_gradients(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor | None,
+                   loss: Callable[[Tensor], Tensor], baseline: bool = False, *, noise: str = "diagonal", bm=None,
+                   scheme: str = "euler") -> Tensor:
+    """Per-path estimates L(X_N) score: (B, P), on the Euler chain driven by dW (or bm); NaN for non-drift parameters.
+
+    f, g, x0 (B, d), theta (P,), ts (N+1,) (decreasing for reverse time), dW (N, B, m), noise: as `sdekit.simulate`.
+    loss: (B, d) -> (B,). baseline=True subtracts the batch mean of L first (a control variate; unbiased up to
+    O(1/B)). scheme must be "euler": the estimator is the score of the Euler chain's Gaussian transitions.
     """
-    check_inputs(f, g, x0, theta, ts, dW, "euler")
+    if scheme != "euler":
+        raise ValueError(f"the score-function estimator differentiates the Euler chain's Gaussian transition density; "
+                         f"scheme {scheme!r} has no such density (use scheme='euler', or a pathwise method)")
+    dW, _ = increments(f, g, x0, theta, ts, dW, "euler", noise=noise, bm=bm)
     euler = get_scheme("euler").step
     P = theta.shape[0]
     drift_only = drift_only_parameters(g, x0, theta, ts)
@@ -43,12 +78,14 @@ def path_gradients(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW
     h = ts[1:] - ts[:-1]
     x, score = x0.detach(), x0.new_zeros(x0.shape[0], P)
     theta = theta.detach()
-    for n in range(h.shape[0]):
-        t = ts[n]
-        dfdth = torch.func.vmap(lambda v: torch.func.jvp(lambda th: f(t, x, th), (theta,), (v,))[1])(dirs)  # (P, B, d)
-        score = score + torch.sign(h[n]) * (dfdth * (dW[n] / g(t, x, theta))).sum(-1).T
-        x = euler(f, g, t, h[n], x, theta, dW[n])
-    L = loss(x)
+    with torch.no_grad():
+        for n in range(h.shape[0]):
+            t = ts[n]
+            dfdth = torch.func.vmap(lambda v: torch.func.jvp(lambda th: f(t, x, th), (theta,), (v,))[1])(dirs)  # (P, B, d)
+            v = _whitened(g(t, x, theta), dW[n], noise, n)
+            score = score + torch.sign(h[n]) * torch.einsum("pbd,bd->bp", dfdth, v)
+            x = euler(f, g, t, h[n], x, theta, dW[n], noise=noise)
+        L = loss(x)
     if baseline:
         L = L - L.mean()
     est = L[:, None] * score
