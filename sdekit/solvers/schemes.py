@@ -462,12 +462,15 @@ def _noise_shape_text(noise: str) -> str:
 
 
 def check_inputs(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor | None, scheme: str,
-                 save: str = "end", *, noise: str = "diagonal", levy_area: Tensor | None = None) -> int:
+                 save: str = "end", *, noise: str = "diagonal", levy_area: Tensor | None = None,
+                 finite_increments: bool = True) -> int:
     """Raise early, naming the bad input, unless x0 (B, d), theta (P,), ts (N+1,), f -> (B, d) and g, dW
     (or None) and levy_area (or None) have the shapes of the noise type; returns m, the noise dimension.
 
     Also refuses non-finite x0, theta, ts, dW, levy_area, a scheme that does not take the noise type, and (for
-    schemes that rely on it) a g that breaks the diagonal or additive contract.
+    schemes that rely on it) a g that breaks the diagonal or additive contract. finite_increments=False leaves
+    dW and levy_area (a pass over N B m values) to the caller, e.g. a solver that checks them only when its
+    path turns out non-finite.
     """
     sch = get_scheme(scheme)
     sch.check_noise(noise, scheme)
@@ -530,7 +533,7 @@ def check_inputs(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: 
         raise ValueError(f"levy_area is read by schemes that need it ({[n for n, s in SCHEMES.items() if s.needs_levy_area]}), "
                          f"not by {scheme!r}")
     for name, v in (("dW", dW), ("levy_area", levy_area)):
-        if v is not None:
+        if v is not None and finite_increments:
             check_finite(name, v)
     check_noise_structure(g, ts[0], x0, theta, scheme, noise)
     return m

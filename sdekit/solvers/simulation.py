@@ -1,6 +1,6 @@
 """The primal SDE solver: runs a scheme's one-step map (`schemes`) along a time grid.
 
-One solver for every use. Diagonal noise, f(t, x, theta) and g(t, x, theta) both (B, d).
+One solver for every use and noise type (diagonal by default: f(t, x, theta) and g(t, x, theta) both (B, d)).
   - When a gradient is needed (x0 or theta requires grad under autograd, or a torch.func transform is
     active) it runs the step map eagerly and out of place, so backprop and finite differences
     differentiate exactly the map below.
@@ -10,6 +10,8 @@ One solver for every use. Diagonal noise, f(t, x, theta) and g(t, x, theta) both
     preallocated and each step is copied into its slot.
   - Brownian increments, when not given, are drawn as standard normals in chunks of steps sized to stay
     in cache (`brownian.normal_chunks`), scaled by sqrt(|h|) once per chunk.
+  - A scheme's state may be more than x (reversible_heun carries (x, z, f, g)); the state is made by the
+    scheme's `init` at (ts[0], x0) and x, its first entry, is what the solve returns and saves.
 `compile=True` (or a torch.compile mode such as "reduce-overhead", CUDA graphs on GPU) instead compiles
 the step map with torch.compile, which fuses a step's elementwise work into a few kernels; it pays off for
 network drifts on large batches and for cheap fields on GPU, after a one-off compile of tens of seconds.
@@ -22,8 +24,11 @@ import torch
 from torch import Tensor
 
 from ._tracing import cached_trace, field_state
-from .brownian import normal_chunks
-from .schemes import Field, check_inputs, step_map
+from .adaptive import check_scheme, integrate_adaptive
+from .brownian import chunk_steps, normal_chunks
+from .brownian_path import path_chunks, resolve_path
+from .schemes import Field, check_inputs, get_scheme, init_state, step_map
+from .schemes import check_finite as _check_finite
 
 __all__ = ["simulate", "per_step"]
 
@@ -45,79 +50,334 @@ def _needs_grad(*tensors: Tensor) -> bool:
 
 
 def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor | None = None,
-             scheme: str = "euler", generator: torch.Generator | None = None, *, save: str = "end",
-             dg: Field | None = None, compile: bool | str = False, trace: bool = True) -> Tensor:
+             scheme: str = "euler", generator: torch.Generator | None = None, *, noise: str = "diagonal",
+             levy_area: Tensor | None = None, save: str = "end", dg: Field | None = None, compile: bool | str = False,
+             trace: bool = True, check_finite: bool = True, bm=None, adaptive: bool = False, rtol: float = 1e-3,
+             atol: float = 1e-6, dt0: float | None = None, dt_min: float | None = None, max_steps: int = 100_000,
+             return_info: bool = False) -> Tensor | tuple[Tensor, dict]:
     """The path of `scheme` on the grid ts: X at ts[-1] (B, d) with save="end", or the path (N+1, B, d).
 
-    f(t, x, theta) -> (B, d) drift; g(t, x, theta) -> (B, d) diagonal diffusion (g_i may depend on x_i only).
+    f(t, x, theta) -> (B, d) drift; g(t, x, theta) the diffusion, shaped by `noise` (torchsde's noise types):
+        "diagonal" (default)  g -> (B, d),     dW (N, B, d)   (g_i may depend on x_i only)
+        "scalar"              g -> (B, d, 1),  dW (N, B, 1)
+        "additive"            g -> (B, d, m),  dW (N, B, m)   (g does not depend on x)
+        "general"             g -> (B, d, m),  dW (N, B, m)
     x0: (B, d); theta: (P,); ts: (N+1,) strictly monotone (decreasing for reverse-time solves).
-    dW: (N, B, d) Brownian increments; if None they are drawn from `generator` as sqrt(|h_n|) z_n with z
-    from `normal_chunks` (on the generator's device, then moved). scheme: "euler" (Ito), "milstein" (Ito;
-    `dg(t, x, theta)` = dg_i/dx_i (B, d) replaces the JVP of g it otherwise takes), "heun" (Stratonovich).
+    scheme, with the calculus it solves in and its strong order per noise type (diagonal/scalar/additive/general):
+        "euler"            Ito            0.5 / 0.5 / 1.0 / 0.5
+        "milstein"         Ito            1.0 / 1.0 / 1.0 / -      dg(t, x, theta) = dg_i/dx_i (B, d) replaces
+                                                                   its JVP of g on diagonal noise
+        "srk"              Ito            1.5 / 1.5 / 1.5 / -      reads the space-time Levy area of every step
+        "euler_heun", "heun", "midpoint", "reversible_heun"
+                           Stratonovich   1.0 / 1.0 / 1.0 / 0.5
+    (`sdekit.solvers.schemes`; a Stratonovich scheme solves an Ito SDE given `ito_to_stratonovich(f, g, noise)`).
+    dW: (N, B, m) Brownian increments over the steps (on decreasing grids those of the reverse-time motion); if
+    None they are drawn from `generator` as sqrt(|h_n|) z_n with z from `normal_chunks` (on the generator's device,
+    then moved), the same increments for every scheme and seed. levy_area: (N, B, m) the steps' space-time Levy
+    areas H (N(0, |h|/12), independent of dW; torchsde's U is |h| (dW/2 + H)), which srk needs with a given dW;
+    when srk draws its own noise, H_n = sqrt(|h_n|/12) z'_n with z' the chunks drawn after all of z (as
+    `BrownianGrid.draw(..., levy_area=True)`), made without holding z.
     save: "end" (memory independent of N) or "path". Differentiable by autograd in x0 and theta (then the
     step map runs eagerly). trace=False runs the step map eagerly always; compile: False, True, or a
     torch.compile mode ("reduce-overhead" uses CUDA graphs on GPU), compiled once per (f, g, dg, mode).
+    Non-finite x0, theta, ts, dW or levy_area are a ValueError naming the argument and the first bad index; a
+    solution that becomes non-finite is a FloatingPointError naming the step, its times and the sample
+    (a flag accumulated on the device every few steps, read once per solve). dW and levy_area are scanned
+    only then (a NaN increment makes the path non-finite), so given increments cost no extra pass.
+    check_finite=False returns the result as it is, unchecked.
+
+    bm: a Brownian path (N(0, 1) per unit time, shape (B, m)) instead of dW: sdekit's BrownianGrid or
+    VirtualBrownianTree, or torchsde's BrownianInterval / BrownianTree (levy_area_approximation="space-time" for
+    srk). The steps read their increments (and srk its Levy areas) from it, so solves on a grid and on any
+    refinement of it see the same Brownian motion. On a decreasing grid step n reads dW = W(t_{n+1}) - W(t_n)
+    = -bm(t_{n+1}, t_n). bm with dW=, levy_area= or generator= is an error.
+    adaptive=True: steps chosen by step doubling (`solvers.adaptive`) to keep the scaled local error under
+    rtol/atol, starting from dt0 (default |ts[-1] - ts[0]| / 100), landing on every time of ts; the path must
+    answer any time (not a BrownianGrid). Euler is refused unless the noise is additive (its adaptive solution
+    converges to a wrong limit; milstein, srk, heun, midpoint do not). Without bm a VirtualBrownianTree is drawn
+    from generator (returned as info["bm"]); with dW= it is an error. dt_min (default 1e-10 of the span):
+    smaller steps are accepted with a warning; max_steps: attempts before a RuntimeError.
+    return_info=True returns (X, info): info["accepted"], ["rejected"] steps and ["step_evaluations"] (scheme
+    steps taken: N on a fixed grid, 3 per attempt when adaptive), and when adaptive ["t_accepted"], ["bm"].
     """
-    check_inputs(f, g, x0, theta, ts, dW, scheme, save)
+    sch = get_scheme(scheme)
+    # dW and levy_area are checked for NaN/inf only if the path turns out non-finite (a NaN increment makes it so)
+    m = check_inputs(f, g, x0, theta, ts, dW, scheme, save, noise=noise, levy_area=levy_area, finite_increments=False)
+    bpath = resolve_path(bm, adaptive=adaptive, dW=dW, levy_area=levy_area, generator=generator, ts=ts,
+                         shape=(x0.shape[0], m), dtype=x0.dtype, device=x0.device, noise=noise,
+                         levy=sch.needs_levy_area, scheme=scheme)
+    if adaptive:
+        check_scheme(scheme, noise)
+    finish = (lambda out: (out, {"accepted": N, "rejected": 0, "step_evaluations": N})) if return_info else (lambda out: out)
+    levy = sch.needs_levy_area
+    if levy and dW is not None and levy_area is None:
+        raise ValueError(f"scheme {scheme!r} reads the space-time Levy area of every step, which dW alone does not "
+                         f"carry: pass levy_area= (N, B, m), H = U/|h| - dW/2 in torchsde's terms, N(0, |h|/12) and "
+                         f"independent of dW; or neither dW nor levy_area, to draw both from generator")
+    if levy_area is not None and dW is None:
+        raise ValueError("levy_area= goes with dW= (the increments it belongs to); without dW both are drawn")
     N = ts.shape[0] - 1
-    step = step_map(scheme, f, g, dg)
+    wshape = (x0.shape[0], m)
+    step = step_map(scheme, f, g, dg, noise=noise)
     h = ts[1:] - ts[:-1]
     fields, fields_need_grad = field_state(f, g, dg)
-    grad = (_needs_grad(x0, theta, ts) or (dW is not None and _needs_grad(dW))
+    grad = (_needs_grad(x0, theta, ts) or any(v is not None and _needs_grad(v) for v in (dW, levy_area))
             or (fields_need_grad and torch.is_grad_enabled()))      # f or g read tensors that require grad
+    gen = generator if generator is not None else _default_generator(x0.device)
+    gen_state = gen.get_state() if dW is None and gen is not None and check_finite else None
+    given = (dW,) if not levy else (dW, levy_area)
+
+    def noise_chunks():
+        if bpath is not None:
+            return path_chunks(bpath, ts, levy, chunk_steps(wshape))
+        if dW is not None:
+            return (tuple(v[i:i + _GIVEN_CHUNK] for v in given) for i in range(0, N, _GIVEN_CHUNK))
+        return _drawn_chunks(N, wshape, gen, x0.dtype, x0.device, h, levy)
+
+    adaptive_opts = dict(rtol=rtol, atol=atol, dt0=dt0, dt_min=dt_min, max_steps=max_steps, save=save,
+                         return_info=return_info)
     if grad:
-        if dW is None:
-            dW = torch.cat(list(normal_chunks(N, tuple(x0.shape), generator, x0.dtype, x0.device))) * h.abs().sqrt()[:, None, None]
-        x, xs = x0, [x0]
+        if adaptive:
+            return _adaptive(lambda t, hn, *a: step(t, hn, *a, theta), sch, f, g, ts, x0, theta, noise, scheme, bpath,
+                             **adaptive_opts)
+        incs = given if dW is not None else tuple(torch.cat(v) for v in zip(*noise_chunks()))
+        y = init_state(scheme, f, g, ts[0], x0, theta, noise=noise)
+        x, xs, flags = x0, [x0], []
         for n in range(N):
-            x = step(ts[n], h[n], x, dW[n], theta)
+            w = tuple(v[n] for v in incs)
+            if sch.stateful:
+                y = step(ts[n], h[n], *y, *w, theta)
+                x = y[0]
+            else:
+                y = x = step(ts[n], h[n], x, *w, theta)
             if save == "path":
                 xs.append(x)
-        return torch.stack(xs) if save == "path" else x
+            if check_finite and not _transformed():
+                flags.append(torch.isfinite(x.detach()).all())
+        if flags and not bool(torch.stack(flags).all()):
+            _check_given(dW, levy_area)
+            with torch.no_grad():
+                n = int((~torch.stack(flags)).nonzero()[0])
+                prev = xs[n] if save == "path" else None
+                _raise_non_finite(ts, n, N, _first_bad(_rerun_to(step, sch, f, g, ts, h, x0, theta, incs, n, noise, scheme)), prev)
+        return finish(torch.stack(xs) if save == "path" else x)
     with torch.no_grad():
+        x0 = x0.contiguous()             # an expanded x0 (one row for all paths) would reach the trace's in-place ops
         if compile:
-            run = _compiled(scheme, f, g, dg, compile)(theta)
+            run = _compiled(scheme, f, g, dg, compile, noise)(theta)
         elif trace:
             k = 1 if N > 1 else 0
-            dw0 = dW[0] if dW is not None else torch.zeros_like(x0)
-            dwk = dW[k] if dW is not None else 0.1 * torch.ones_like(x0)
+            y0 = init_state(scheme, f, g, ts[0], x0, theta, noise=noise)
+            zero, probe = torch.zeros(wshape, dtype=x0.dtype, device=x0.device), torch.ones(wshape, dtype=x0.dtype, device=x0.device)
+            w0 = tuple(v[0] for v in given) if dW is not None else (zero, zero)[:len(given)]
+            wk = tuple(v[k] for v in given) if dW is not None else (0.1 * probe, 0.05 * probe)[:len(given)]
+            xk = x0 + 0.01 * wk[0] if noise == "diagonal" else x0 + 0.01 * _irregular(x0)
+            yk = init_state(scheme, f, g, ts[k], xk, theta, noise=noise)
+            state0 = y0 if sch.stateful else (y0,)
+            statek = yk if sch.stateful else (yk,)
             key = ("simulate", scheme, fields, *x0.shape, theta.shape, x0.dtype, x0.device)
-            run = cached_trace(key, lambda: step, (ts[0], h[0], x0, dw0, theta), (ts[k], h[k], x0 + 0.01 * dwk, dwk, theta),
-                               invariant=(4,))(theta)
+            if noise != "diagonal":
+                key = (*key, noise, m)
+            nargs = 2 + len(state0) + len(w0) + 1
+            run = cached_trace(key, lambda: step, (ts[0], h[0], *state0, *w0, theta), (ts[k], h[k], *statek, *wk, theta),
+                               invariant=(nargs - 1,))(theta)
         else:
-            run = lambda t, hn, x, dw: step(t, hn, x, dw, theta)
-        if dW is None:
-            chunks = normal_chunks(N, tuple(x0.shape), generator, x0.dtype, x0.device)
-            scale = h.abs().sqrt()
-        else:
-            chunks, scale = iter([dW]), None
+            run = lambda t, hn, *a: step(t, hn, *a, theta)          # noqa: E731
+        if adaptive:
+            return _adaptive(run, sch, f, g, ts, x0, theta, noise, scheme, bpath, **adaptive_opts)
         path = torch.empty((N + 1, *x0.shape), dtype=x0.dtype, device=x0.device) if save == "path" else None
         if path is not None:
             path[0].copy_(x0)
         graphs = isinstance(compile, str) and "reduce-overhead" in compile
-        x, n = x0, 0
-        for z in chunks:
+        ok = torch.ones((), dtype=torch.bool, device=x0.device) if check_finite else None
+        x, n, checked = x0, 0, 0
+        if sch.stateful:
+            y = init_state(scheme, f, g, ts[0], x0, theta, noise=noise)
+            for w in noise_chunks():
+                c = w[0].shape[0]
+                for t, hn, *wn in per_step(ts[n:n + c], h[n:n + c], *w):
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    y = run(t, hn, *y, *wn)
+                    n += 1
+                    if path is not None:
+                        path[n].copy_(y[0])
+                x = y[0]
+                if ok is not None and n - checked >= _CHECK_EVERY:
+                    ok, checked = ok & torch.isfinite(x).all(), n
+        elif levy:
+            for dw_c, H_c in noise_chunks():
+                c = dw_c.shape[0]
+                for t, hn, dw, H in per_step(ts[n:n + c], h[n:n + c], dw_c, H_c):
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    x = run(t, hn, x, dw, H)
+                    n += 1
+                    if path is not None:
+                        path[n].copy_(x)
+                if ok is not None and n - checked >= _CHECK_EVERY:
+                    ok, checked = ok & torch.isfinite(x).all(), n
+        else:
+            for (z,) in noise_chunks():
+                c = z.shape[0]
+                for t, hn, dw in per_step(ts[n:n + c], h[n:n + c], z):
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    x = run(t, hn, x, dw)
+                    n += 1
+                    if path is not None:
+                        path[n].copy_(x)
+                if ok is not None and n - checked >= _CHECK_EVERY:
+                    ok, checked = ok & torch.isfinite(x).all(), n
+        if ok is not None and not bool(ok & torch.isfinite(x).all()):
+            read = tuple(torch.cat(v) for v in zip(*noise_chunks())) if bpath is not None else None   # the path again
+            _locate_non_finite(step, sch, f, g, ts, h, x0, theta, noise, scheme, path, given if dW is not None else read,
+                               gen, gen_state, N, wshape, levy)
+        return finish(path if path is not None else (x.clone() if graphs or x is x0 else x))
+
+
+def _adaptive(run: Callable, sch, f: Field, g: Field, ts: Tensor, x0: Tensor, theta: Tensor, noise: str, scheme: str,
+              bpath, *, rtol, atol, dt0, dt_min, max_steps, save, return_info):
+    """simulate(adaptive=True): `run(t, h, *state, dW, [H])` (traced, compiled or eager) driven by step doubling."""
+    levy = sch.needs_levy_area
+
+    def one(t, hn, y, dw, H):
+        return run(t, hn, *(y if sch.stateful else (y,)), *((dw, H) if levy else (dw,)))
+    y0 = init_state(scheme, f, g, ts[0], x0, theta, noise=noise)
+    x, info = integrate_adaptive(one, y0, ts, bpath, order=sch.order(noise), levy=levy, rtol=rtol, atol=atol, dt0=dt0,
+                                 dt_min=dt_min, max_steps=max_steps, save=save)
+    info["bm"] = bpath
+    return (x, info) if return_info else x
+
+
+_GIVEN_CHUNK = 256      # given increments are walked in views of this many steps
+_CHECK_EVERY = 64       # steps between the on-device finiteness checks of the state (one op per check, no sync)
+
+
+def _transformed() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _irregular(x: Tensor) -> Tensor:
+    """A fixed, irregular field in [0.5, 1.5) shaped like x (a generic probe direction)."""
+    k = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device).reshape(x.shape)
+    return (k * 0.6180339887498949).frac().add(0.5).to(x.dtype)
+
+
+def _default_generator(device: torch.device) -> torch.Generator | None:
+    """The generator torch.randn(device=device) draws from when given none (so its state can be saved and forked)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return None
+
+
+def _drawn_chunks(N: int, shape: tuple[int, int], gen: torch.Generator | None, dtype: torch.dtype,
+                  device: torch.device, h: Tensor, levy: bool) -> Iterator[tuple[Tensor, ...]]:
+    """(dW,) or (dW, H) chunks of steps: dW = sqrt(|h|) z, z the chunks of `normal_chunks`, and H = sqrt(|h|/12) z'
+    with z' the chunks drawn after all of z. z' comes from a copy of the generator moved past the z draws (drawn
+    and dropped chunk by chunk, so memory stays one chunk); the generator ends where a draw of z then z' leaves it."""
+    scale = h.abs().sqrt()
+    n = 0
+    if not levy:
+        for z in normal_chunks(N, shape, gen, dtype, device):
             c = z.shape[0]
-            if scale is not None:
-                z = z.mul_(scale[n:n + c, None, None])              # one op per chunk, not per step
-            for t, hn, dw in per_step(ts[n:n + c], h[n:n + c], z):
-                if graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                x = run(t, hn, x, dw)
+            yield (z.mul_(scale[n:n + c, None, None]),)              # one op per chunk, not per step
+            n += c
+        return
+    hscale = (h.abs() / 12).sqrt()
+    if gen is None:                                                   # no generator to fork: hold all of z
+        zs = list(normal_chunks(N, shape, gen, dtype, device))
+        ahead_chunks = normal_chunks(N, shape, gen, dtype, device)
+        z_chunks = iter(zs)
+    else:
+        ahead = torch.Generator(device=gen.device)
+        ahead.set_state(gen.get_state())
+        for _ in normal_chunks(N, shape, ahead, dtype, device):
+            pass
+        z_chunks, ahead_chunks = normal_chunks(N, shape, gen, dtype, device), normal_chunks(N, shape, ahead, dtype, device)
+    for z, zh in zip(z_chunks, ahead_chunks):
+        c = z.shape[0]
+        yield z.mul_(scale[n:n + c, None, None]), zh.mul_(hscale[n:n + c, None, None])
+        n += c
+    if gen is not None:
+        gen.set_state(ahead.get_state())
+
+
+def _check_given(dW: Tensor | None, levy_area: Tensor | None = None) -> None:
+    for name, v in (("dW", dW), ("levy_area", levy_area)):
+        if v is not None:
+            _check_finite(name, v)
+
+
+def _first_bad(x: Tensor) -> tuple[int, int, float]:
+    b, i = (int(v) for v in (~torch.isfinite(x)).nonzero()[0])
+    return b, i, float(x[b, i])
+
+
+def _raise_non_finite(ts: Tensor, n: int, N: int, bad: tuple[int, int, float], prev: Tensor | None) -> None:
+    b, i, val = bad
+    before = "" if prev is None else f"; at ts[{n}] it was {float(prev[b, i]):.6g}"
+    raise FloatingPointError(
+        f"the solution became non-finite at step {n} of {N} (from t = {float(ts[n]):.6g} to t = {float(ts[n + 1]):.6g}): "
+        f"x[{b}, {i}] = {val}{before}. A finer grid, or a drift and diffusion that stay finite, may help; "
+        "check_finite=False returns the path as it is")
+
+
+def _rerun_to(step, sch, f, g, ts, h, x0, theta, incs, n_bad, noise, scheme) -> Tensor:
+    """The state after step n_bad, recomputed from x0 (eagerly, with the same increments)."""
+    y = init_state(scheme, f, g, ts[0], x0.detach(), theta.detach(), noise=noise)
+    for n in range(n_bad + 1):
+        w = tuple(v[n].detach() for v in incs)
+        y = step(ts[n], h[n], *(y if sch.stateful else (y,)), *w, theta.detach())
+    return y[0] if sch.stateful else y
+
+
+def _locate_non_finite(step, sch, f, g, ts, h, x0, theta, noise, scheme, path, given, gen, gen_state, N, wshape, levy):
+    """Find the first step whose state is non-finite (after a solve's flag said one is) and raise."""
+    if given is not None:
+        _check_given(*given)
+    if path is not None:
+        finite = torch.isfinite(path.reshape(N + 1, -1)).all(1)
+        n = int((~finite).nonzero()[0]) - 1
+        _raise_non_finite(ts, n, N, _first_bad(path[n + 1]), path[n])
+    if given is None:                    # redraw the same increments: the generator as it was at the start
+        if gen is None or gen_state is None:
+            raise FloatingPointError(f"the solution became non-finite in a solve of {N} steps (from t = {float(ts[0]):.6g} "
+                                     f"to {float(ts[-1]):.6g}); pass dW or a generator to have the step named")
+        end_state = gen.get_state()
+        gen.set_state(gen_state)
+        chunks = _drawn_chunks(N, wshape, gen, x0.dtype, x0.device, h, levy)
+    else:
+        chunks = (tuple(v[i:i + _GIVEN_CHUNK] for v in given) for i in range(0, N, _GIVEN_CHUNK))
+    try:
+        y = init_state(scheme, f, g, ts[0], x0, theta, noise=noise)
+        n = 0
+        for w in chunks:
+            for wn in zip(*w):
+                prev = y[0] if sch.stateful else y
+                y = step(ts[n], h[n], *(y if sch.stateful else (y,)), *wn, theta)
+                x = y[0] if sch.stateful else y
+                if not bool(torch.isfinite(x).all()):
+                    _raise_non_finite(ts, n, N, _first_bad(x), prev)
                 n += 1
-                if path is not None:
-                    path[n].copy_(x)
-        return path if path is not None else (x.clone() if graphs or x is x0 else x)
+    finally:
+        if given is None:
+            gen.set_state(end_state)
+    raise FloatingPointError(f"the solution became non-finite in a solve of {N} steps, but not when recomputed eagerly "
+                             "(the traced step and the eager one disagree there)")
 
 
 _COMPILED: dict = {}
 
 
-def _compiled(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | str) -> Callable:
-    """bind(theta) -> step(t, h, x, dw): the scheme's step map compiled with torch.compile (cached)."""
-    key = (scheme, f, g, dg, mode)
+def _compiled(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | str, noise: str = "diagonal") -> Callable:
+    """bind(theta) -> step(t, h, *state, *increments): the scheme's step map compiled with torch.compile (cached)."""
+    key = (scheme, f, g, dg, mode, noise)
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = torch.compile(step_map(scheme, f, g, dg), dynamic=False, **({} if mode is True else {"mode": mode}))
+        fn = torch.compile(step_map(scheme, f, g, dg, noise=noise), dynamic=False, **({} if mode is True else {"mode": mode}))
         _COMPILED[key] = fn
-    return lambda theta: (lambda t, hn, x, dw: fn(t, hn, x, dw, theta))
+    return lambda theta: (lambda t, hn, *a: fn(t, hn, *a, theta))
