@@ -656,6 +656,10 @@ def test_traced_step_gives_the_eager_answer_after_what_the_fields_read_changes(n
                 torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-13, msg=lambda msg: f"{scheme}: {msg}")
                 assert previous is None or not torch.allclose(traced, previous), scheme   # the change is seen
                 previous = traced
+            # drawn noise traces too (its probe increments stand in for the first ones)
+            traced = simulate(f, g, x0, TH, ts, None, scheme, torch.Generator().manual_seed(1), noise=noise)
+            eager = simulate(f, g, x0, TH, ts, None, scheme, torch.Generator().manual_seed(1), noise=noise, trace=False)
+            torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-13)
     finally:
         RATE = 1.0
     fallbacks = [w_ for w_ in recwarn if "could not be traced" in str(w_.message)]

@@ -22,9 +22,16 @@ Schemes, the calculus each converges to, and strong orders (E|X_N - X(T)| = O(h^
     reversible_heun   stratonovich    1.0       1.0     1.0       0.5       state (x, z, f(z), g(z)); exact inverse
 
 srk is Rossler's (2010) stochastic Runge-Kutta: SRA1 for additive noise and SRID2 for diagonal and scalar
-noise, the tableaus torchsde uses. The orders are the slopes measured in tests/test_sde_schemes.py on
-problems with closed forms or fine references on the same Brownian path (each within 0.2 of the table).
+noise, the tableaus torchsde uses (order 1.5 on all three, as Rossler and torchsde state). tests/test_sde_schemes.py
+fits every entry on problems with closed forms or fine references on the same Brownian path (each slope within 0.2
+of the table; measured srk 1.35-1.54, the order-1 entries 0.91-1.01, the order-1/2 entries 0.44-0.54).
+reversible_heun: Kidger et al. (2021) prove order 1/2 in general and 1 for additive noise (torchsde declares 1/2
+for diagonal and scalar noise); on diagonal and scalar noise it measures 0.92-0.99, like Heun's 1, and the table
+says so. Euler, Milstein and the Heun family converge faster on special problems (e.g. srk and Heun at order 2 on
+additive noise with a linear drift), never slower.
 A Stratonovich scheme solves an Ito SDE when given the Stratonovich drift: `ito_to_stratonovich(f, g, noise)`.
+milstein and the Ito/Stratonovich conversion take JVPs of g (one per noise column for general noise), never a
+Jacobian.
 
 Step maps. Every registered step has the signature
 
@@ -51,7 +58,12 @@ which for the stateless schemes without Levy area is today's (t, h, x, dW, theta
 Reverse time (decreasing grids, h < 0): drift terms take the signed h and stage times t + c h; the noise
 terms take the increments of the reverse-time Brownian motion, whose quadratic variation over a step is |h|
 (sqrt(|h|), I_kk = (dW^2 - |h|) / 2, H ~ N(0, |h|/12)). That is the forward scheme in s = -t applied to
-dX = -f(-s, X) ds + g dW(s), so every scheme keeps its order in both directions.
+dX = -f(-s, X) ds + g(-s, X) dW(s) (tested to round-off), so every scheme keeps its order in both directions, in
+its own calculus: an Ito scheme solves that SDE in the Ito sense (the reverse-time SDEs of diffusion samplers), a
+Stratonovich scheme in the Stratonovich sense, whose flow run backwards on the same Brownian path retraces the
+forward one. Hence the Ito correction changes sign with the direction of time: to solve the Ito SDE of the
+reversed time with a Stratonovich scheme on a decreasing grid, pass `stratonovich_to_ito(f, g, noise)` (f + c), not
+`ito_to_stratonovich` (f - c). For additive noise c = 0 and the two coincide.
 
 These maps are the only definition of the schemes: the primal solver `sdekit.simulate` runs them (traced
 once into straight-line code when no gradient is needed), forward sensitivities are their Jacobian-vector
@@ -105,7 +117,9 @@ def milstein_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Te
 
     Diagonal: the correction is g_i dg_i/dx_i, one JVP of g along g itself ((dg/dx) g, whose i-th entry is
     g_i dg_i/dx_i for diagonal noise), or g * dg(t, x, theta) when dg = dg_i/dx_i (B, d) is given.
-    Scalar: (d b/dx) b for the single column b = g[..., 0] (one JVP), times dW^2 - |h| (B, 1).
+    Scalar: (d b/dx) b for the single column b = g[..., 0] (one JVP), times dW^2 - |h| (B, 1). (torchsde's
+    Milstein contracts the other index, sum_k b_k db_k/dx_i, which agrees only where db/dx is symmetric; its
+    strong order drops to 1/2 otherwise, tests/test_sde_schemes.py.)
     Additive: dg/dx = 0, so the step is Euler's (strong order 1 on additive noise).
     General noise needs the Levy areas int dW_j dW_k (j != k) and is refused by `Scheme.check_noise`.
     """
@@ -417,7 +431,11 @@ def ito_correction(g: Field, noise: str = "diagonal") -> Field:
 
 
 def ito_to_stratonovich(f: Field, g: Field, noise: str = "diagonal") -> Field:
-    """The Stratonovich drift of the Ito SDE dX = f dt + g dW: f - 1/2 sum_{j,k} g_kj d_k g_ij (f itself for additive noise)."""
+    """The Stratonovich drift of the Ito SDE dX = f dt + g dW: f - 1/2 sum_{j,k} g_kj d_k g_ij (f itself for additive noise).
+
+    For increasing grids. On a decreasing grid the correction enters with the other sign (module docstring):
+    a Stratonovich scheme solving the reverse-time Ito SDE takes `stratonovich_to_ito(f, g, noise)`.
+    """
     if noise == "additive":
         ito_correction(g, noise)
         return f
