@@ -302,16 +302,15 @@ def ito_drift_curve(f, b, g, x0s: Sequence[float], *, generator: torch.Generator
 def stratonovich_drift(b: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """The drift b - (1/2) g g' whose Stratonovich SDE has the same solution as the Ito SDE with drift b.
 
-    g' is taken by autograd, so g must act elementwise.
+    The library's general conversion (`solvers.ito_to_stratonovich`, by a JVP of g) for a scalar SDE
+    written elementwise, dX = b(X) dt + g(X) dW; a g that ignores x gives no correction.
     """
-    def corrected(x: Tensor) -> Tensor:
-        xr = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            gx = g(xr)
-            # an x-independent g has no graph: its derivative, and the correction, are zero
-            dg = torch.autograd.grad(gx.sum(), xr)[0] if gx.requires_grad else torch.zeros_like(x)
-        return b(x) - 0.5 * gx.detach() * dg
-    return corrected
+    def field_g(t, x, th):
+        return torch.broadcast_to(torch.as_tensor(g(x), dtype=x.dtype, device=x.device), x.shape)
+
+    strat = solvers.ito_to_stratonovich(lambda t, x, th: b(x), field_g, "diagonal")
+    no_theta = torch.zeros(0, dtype=DTYPE)
+    return lambda x: strat(None, x, no_theta)
 
 
 @dataclass
