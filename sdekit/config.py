@@ -103,7 +103,7 @@ class TrainConfig:
 class SampleConfig:
     sampler: str = "heun"                # a key of sdekit.SAMPLERS
     steps: int | None = None
-    grid: str | None = None              # a key of sdekit.samplers.grids.GRIDS; null: the sampler's default
+    grid: str | None = None              # a key of sdekit.samplers.grids.GRIDS, or optimized; null: the sampler's default
     n_samples: int = 4000
     batch_size: int = 4000
     seed: int = 1
@@ -143,7 +143,7 @@ def _choices() -> dict[str, tuple]:
         "train.mixed_precision": MIXED_PRECISION,
         "train.lr_schedule": LR_SCHEDULES,
         "sample.sampler": tuple(SAMPLERS),
-        "sample.grid": (None, *GRIDS),
+        "sample.grid": (None, *GRIDS, "optimized"),
     }
 
 

@@ -39,13 +39,16 @@ def sample_labels(score_fn, n: int) -> Tensor | None:
 
 
 def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progress: bool = True,
-                 rank: int = 0, world: int = 1, labels: Tensor | None = None) -> tuple[Tensor, dict]:
+                 rank: int = 0, world: int = 1, labels: Tensor | None = None,
+                 grid_cache: str | Path | None = None) -> tuple[Tensor, dict]:
     """cfg.sample.n_samples samples (N, *S) in batches, batch b drawn with the generator seeded by (seed, b).
 
     With world > 1, this process draws batches b = rank, rank + world, ... and the result has only those
     (concatenated in batch order); `gather_batches` reassembles the full set, identical to one process.
     labels: (N,) classes for a class-conditional denoiser, sampled with classifier-free guidance at scale
     cfg.sample.guidance (null: 1, the conditional model); None samples the unconditional model.
+    grid_cache: the JSON file holding optimised grids (sample.grid = optimized), kept with the run; the grid is
+    optimised once, on the first batch's score function, and read back for every later batch and process.
     """
     from tqdm.auto import tqdm
 
@@ -65,7 +68,8 @@ def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progre
                               1.0 if sc.guidance is None else sc.guidance)
         with torch.no_grad():
             x, info = sample(fn, sde, (n, *data_shape), sampler=sc.sampler, steps=sc.steps, generator=gen,
-                             x_T=x_T.to(device), grid=sc.grid, denoise=sc.denoise, return_info=True, **sc.options)
+                             x_T=x_T.to(device), grid=sc.grid, denoise=sc.denoise, return_info=True,
+                             **({"grid_cache": grid_cache} if sc.grid == "optimized" else {}), **sc.options)
         out.append(x.cpu())
         nfe = info["nfe"]
     local = torch.cat(out) if out else torch.empty((0, *data_shape))

@@ -114,6 +114,7 @@ def test_choices_are_the_registries():
         del sdekit.SAMPLERS["mine"]
     with pytest.raises(ConfigError, match="sample.sampler = 'mine'"):
         from_dict({"sample": {"sampler": "mine"}})
+    assert from_dict({"sample": {"grid": "optimized"}}).sample.grid == "optimized"   # sample()'s fitted grid
 
 
 def test_lr_floor_and_ema_warmup_drive_the_schedules():

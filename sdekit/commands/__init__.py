@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("sdekit.commands.train", "train a score model from a YAML config"),
     "sample": ("sdekit.commands.sample", "sample a trained checkpoint"),
     "samplers": ("sdekit.commands.samplers", "accuracy of every sampler against an exact mixture oracle"),
+    "frontier": ("sdekit.commands.frontier", "best error per NFE budget: sdekit's samplers and grids against diffusers and k-diffusion"),
     "sensitivity": ("sdekit.commands.sensitivity", "pathwise dX_T/dtheta by every method, compared"),
     "ito": ("sdekit.commands.ito", "Ito-correction demonstrations"),
     "estimators": ("sdekit.commands.estimators", "pathwise vs score-function gradient estimators"),

@@ -79,7 +79,8 @@ def _sample_into(out: Path, args, state, denoiser, cfg: Config, ckpt: Path, data
     """Draw this process's share, gather, and (main process) score and write everything into `out`."""
     try:
         local, timing = draw_samples(denoiser, denoiser.sde, cfg, data_shape, progress=not args.no_progress and state.is_main_process,
-                                     rank=state.process_index, world=state.num_processes, labels=labels)
+                                     rank=state.process_index, world=state.num_processes, labels=labels,
+                                     grid_cache=eval_cache_dir(ckpt) / "grids.json")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
