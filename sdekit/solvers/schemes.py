@@ -24,9 +24,9 @@ Schemes, the calculus each converges to, and strong orders (E|X_N - X(T)| = O(h^
 srk is Rossler's (2010) stochastic Runge-Kutta: SRA1 for additive noise and SRID2 for diagonal and scalar
 noise, the tableaus torchsde uses (order 1.5 on all three, as Rossler and torchsde state). tests/test_sde_schemes.py
 fits every entry on problems with closed forms or fine references on the same Brownian path (each slope within 0.2
-of the table; measured srk 1.35-1.54, the order-1 entries 0.91-1.01, the order-1/2 entries 0.44-0.54).
+of the table; measured over three seeds: srk 1.39-1.51, the order-1 entries 0.94-1.02, the order-1/2 ones 0.46-0.54).
 reversible_heun: Kidger et al. (2021) prove order 1/2 in general and 1 for additive noise (torchsde declares 1/2
-for diagonal and scalar noise); on diagonal and scalar noise it measures 0.92-0.99, like Heun's 1, and the table
+for diagonal and scalar noise); on diagonal and scalar noise it measures 0.95-0.98, like Heun's 1, and the table
 says so. Euler, Milstein and the Heun family converge faster on special problems (e.g. srk and Heun at order 2 on
 additive noise with a linear drift), never slower.
 A Stratonovich scheme solves an Ito SDE when given the Stratonovich drift: `ito_to_stratonovich(f, g, noise)`.
