@@ -1,6 +1,7 @@
 """The bottom layer: SDE and ODE solvers on a time grid. It imports nothing from sdekit outside it.
 
-schemes     the one-step maps of the SDE schemes, their registry SCHEMES and the input checks
+schemes     the one-step maps of the SDE schemes for every noise type (diagonal, scalar, additive, general), their
+            registry SCHEMES (sde_type and strong order per noise type), Ito <-> Stratonovich drifts, the input checks
 simulation  `simulate`, the one primal SDE solver (traced step, eager under autograd, or torch.compile)
 brownian    Brownian increments on a grid, and the chunked draws `simulate` makes when none are given
 dopri       adaptive Dormand-Prince 5(4) for ODEs dy/dt = f(t, y) on batched tensors
