@@ -171,28 +171,36 @@ def srk_step(f: Field, g: Field, t: Tensor, h: Tensor, x: Tensor, theta: Tensor,
     col = _column(g, noise)
     habs = h.abs()
     sqrt_h = habs.sqrt()
-    I_kk = 0.5 * (dW * dW - habs)
-    I_kkk = (dW * dW * dW - 3 * habs * dW) / 6
+    sq = dW * dW
+    # the noise weights of the stages are combinations of dW, I_kk/sqrt|h|, I_k0/|h| = J and I_kkk/|h|, with
+    # I_kk = (dW^2 - |h|)/2 and I_kkk = (dW^3 - 3 |h| dW)/6
+    basis = (dW, (sq - habs) * (0.5 / sqrt_h), J, (sq - 3 * habs) * dW / (6 * habs))
     fs, gs = [], []
     out = x
     for s in range(4):
         H0, H1 = x, x
         for j in range(s):
-            if T["a0"][s][j]:
-                H0 = H0 + (T["a0"][s][j] * h) * fs[j]
-            if T["b0"][s][j]:
-                H0 = H0 + T["b0"][s][j] * gs[j] * J
-            if T["a1"][s][j]:
-                H1 = H1 + (T["a1"][s][j] * h) * fs[j]
-            if T["b1"][s][j]:
-                H1 = H1 + (T["b1"][s][j] * sqrt_h) * gs[j]
-        fs.append(f(t + T["c0"][s] * h, H0, theta) if T["alpha"][s] or s < 3 else None)
+            H0 = _axpy(_axpy(H0, T["a0"][s][j], fs[j], h), T["b0"][s][j], gs[j] * J)
+            H1 = _axpy(_axpy(H1, T["a1"][s][j], fs[j], h), T["b1"][s][j], gs[j], sqrt_h)
+        fs.append(f(t + T["c0"][s] * h, H0, theta) if T["alpha"][s] or s < 3 else None)   # f of stage 3 is unused
         gs.append(col(t + T["c1"][s] * h, H1, theta))
-        weight = T["beta1"][s] * dW + T["beta2"][s] * I_kk / sqrt_h + T["beta3"][s] * J + T["beta4"][s] * I_kkk / habs
-        if T["alpha"][s]:
-            out = out + (T["alpha"][s] * h) * fs[s]
+        weight = None
+        for c, b in zip((T["beta1"][s], T["beta2"][s], T["beta3"][s], T["beta4"][s]), basis):
+            weight = _axpy(weight, c, b)
+        out = _axpy(out, T["alpha"][s], fs[s], h)
         out = out + gs[s] * weight
     return out
+
+
+def _axpy(acc: Tensor | None, c: float, v: Tensor, scale: Tensor | None = None) -> Tensor | None:
+    """acc + c v (times scale, a 0-d tensor, if given), skipping c = 0 and multiplying by c = 1 not at all."""
+    if c == 0:
+        return acc
+    if scale is None:
+        term = v if c == 1 else v * c
+    else:
+        term = (scale if c == 1 else c * scale) * v
+    return term if acc is None else acc + term
 
 
 # --- Stratonovich schemes -------------------------------------------------------------------------------
