@@ -11,10 +11,10 @@ backend="native" (default)
     float64 in the tests), with memory independent of N: one state, one adjoint, one step's intermediates.
     The per-step backward (inverse step + VJP) is traced once into straight-line code, like the forward step.
   - any other scheme: checkpointed backprop. The forward pass stores the state every ceil(N / checkpoints) steps
-    (default checkpoints = ceil(sqrt(N))); the backward pass re-runs each segment with a tape, last segment first,
-    and backpropagates through it. Memory O(checkpoints + N / checkpoints) states and taped steps, O(sqrt(N)) by
-    default; time about one extra primal solve over backprop. Pass `checkpoints=` to trade memory for time (the
-    tape of one segment of N / checkpoints steps is what is held at once).
+    (default checkpoints = ceil(sqrt(N))); the backward pass re-runs each segment from its checkpoint, last segment
+    first, keeping its states, and walks it backwards with one vector-Jacobian product of the step map per step
+    (traced, like the reversible adjoint's). Memory O(checkpoints + N / checkpoints) states and no tape, O(sqrt(N))
+    by default; time: two primal solves plus one VJP per step. Pass `checkpoints=` to trade memory for time.
 backend="checkpoint": checkpointed backprop for any scheme (reversible_heun too).
 backend="torchsde": `torchsde.sdeint_adjoint` on the same Brownian increments (via `sdekit.interop.torchsde`), which
   solves the continuous adjoint SDE backwards with its own discretisation, so its gradient matches backprop only up
@@ -96,46 +96,57 @@ def _forward_pass(run, y: tuple, ts: Tensor, incs: tuple, keep_every: int | None
     return y, kept
 
 
+def _backward_step(scheme, f, g, dg, noise, ts, x0, theta, yN, a, incs, trace, rebuild: bool):
+    """back(t, h, *state, *increments, *adjoint) -> (*state at t if rebuild, *adjoint at t, dtheta) for one step.
+
+    rebuild=True: `state` is the state at t + h, and the step first rebuilds the state at t with the scheme's exact
+    inverse (the reversible adjoint). rebuild=False: `state` is the state at t itself (checkpointed backprop).
+    Then the vector-Jacobian product of the forward step map at that state with the adjoint at t + h. Traced once
+    into straight-line code (theta hoisted), like the forward step.
+    """
+    sch = get_scheme(scheme)
+    step = step_map(scheme, f, g, dg, noise=noise)
+    inv = inverse_map(scheme, f, g, noise=noise) if rebuild else None
+    wrap = (lambda y: tuple(y)) if sch.stateful else (lambda y: (y,))
+    ns, nw = len(yN), len(incs)
+
+    def back_step(t, hn, *args):
+        ys, ws, th, a1 = args[:ns], args[ns:ns + nw], args[ns + nw], args[ns + nw + 1:]
+        y = wrap(inv(t, hn, *ys, *ws, th)) if rebuild else ys
+        _, vjp = torch.func.vjp(lambda *v: wrap(step(t, hn, *v[:-1], *ws, v[-1])), *y, th)
+        return (*y, *vjp(tuple(a1))) if rebuild else vjp(tuple(a1))
+
+    h = ts[1:] - ts[:-1]
+    N = h.shape[0]
+    if not trace:
+        return lambda t, hn, *args: back_step(t, hn, *args[:ns + nw], theta, *args[ns + nw:])
+    k = N - 2 if N > 1 else 0
+    w_last = tuple(v[N - 1] for v in incs)
+    wk = tuple(v[k] for v in incs)
+    yk = tuple(v + 0.01 * irregular(v) for v in yN)
+    ak = tuple(v + 0.1 * irregular(v) for v in a)
+    key = ("adjoint-" + ("reversible" if rebuild else "checkpoint"), scheme, noise, incs[0].shape[-1],
+           field_state(f, g, dg)[0], *x0.shape, theta.shape, x0.dtype, x0.device)
+    bind = cached_trace(key, lambda: back_step, (ts[N - 1], h[N - 1], *yN, *w_last, theta, *a),
+                        (ts[k], h[k], *yk, *wk, theta, *ak), invariant=(2 + ns + nw,))
+    return bind(theta)
+
+
 def _reversible(f, g, x0, theta, ts, dW, H, loss, scheme, noise, dg, trace):
     """The reversible adjoint: the path rebuilt backwards with the exact inverse step, one local VJP per step."""
     sch = get_scheme(scheme)
-    step = step_map(scheme, f, g, dg, noise=noise)
-    inv = inverse_map(scheme, f, g, noise=noise)
     wrap = (lambda y: tuple(y)) if sch.stateful else (lambda y: (y,))
     incs = (dW,) if H is None else (dW, H)
-    nw = len(incs)
     run = primal_runner(scheme, f, g, x0, theta, ts, dW, H, noise=noise, dg=dg, trace=trace)
     y0 = wrap(init_state(scheme, f, g, ts[0], x0, theta, noise=noise))
     ns = len(y0)
     yN, _ = _forward_pass(run, y0, ts, incs)
     a = _end_adjoint(yN, loss)
-
-    def back_step(t, hn, *args):
-        # args = (*state at t + h, *increments, theta, *adjoint at t + h) -> (*state at t, *adjoint at t, dtheta)
-        y1, ws, th, a1 = args[:ns], args[ns:ns + nw], args[ns + nw], args[ns + nw + 1:]
-        y = wrap(inv(t, hn, *y1, *ws, th))
-        _, vjp = torch.func.vjp(lambda *v: wrap(step(t, hn, *v[:-1], *ws, v[-1])), *y, th)
-        return (*y, *vjp(tuple(a1)))
-
+    back = _backward_step(scheme, f, g, dg, noise, ts, x0, theta, yN, a, incs, trace, rebuild=True)
     h = ts[1:] - ts[:-1]
-    N = h.shape[0]
-    th_pos = 2 + ns + nw
-    if trace:
-        k = N - 2 if N > 1 else 0
-        w_last = tuple(v[N - 1] for v in incs)
-        wk = tuple(v[k] for v in incs)
-        yk = tuple(v + 0.01 * irregular(v) for v in yN)
-        ak = tuple(v + 0.1 * irregular(v) for v in a)
-        key = ("adjoint-reversible", scheme, noise, dW.shape[-1], field_state(f, g, dg)[0], *x0.shape, theta.shape,
-               x0.dtype, x0.device)
-        bind = cached_trace(key, lambda: back_step, (ts[N - 1], h[N - 1], *yN, *w_last, theta, *a),
-                            (ts[k], h[k], *yk, *wk, theta, *ak), invariant=(th_pos,))
-        back = bind(theta)
-    else:
-        back = lambda t, hn, *args: back_step(t, hn, *args[:ns + nw], theta, *args[ns + nw:])   # noqa: E731
     y, g_theta = yN, torch.zeros_like(theta)
     with torch.no_grad():
-        for n in range(N - 1, -1, -1):
+        for n in range(h.shape[0] - 1, -1, -1):
             out = back(ts[n], h[n], *y, *(v[n] for v in incs), *a)
             y, a = out[:ns], out[ns:2 * ns]
             g_theta = g_theta + out[-1]
@@ -143,9 +154,10 @@ def _reversible(f, g, x0, theta, ts, dW, H, loss, scheme, noise, dg, trace):
 
 
 def _checkpointed(f, g, x0, theta, ts, dW, H, loss, scheme, noise, dg, trace, checkpoints):
-    """Checkpointed backprop: states stored every `seg` steps, each segment re-run with a tape, last first."""
+    """Checkpointed backprop: states stored every `seg` steps; each segment, last first, is re-run to recover its
+    states, then walked backwards with one traced VJP of the step map per step. Holds ceil(N / seg) stored states
+    plus one segment's seg states (no tape)."""
     sch = get_scheme(scheme)
-    step = step_map(scheme, f, g, dg, noise=noise)
     wrap = (lambda y: tuple(y)) if sch.stateful else (lambda y: (y,))
     incs = (dW,) if H is None else (dW, H)
     N = ts.shape[0] - 1
@@ -155,22 +167,18 @@ def _checkpointed(f, g, x0, theta, ts, dW, H, loss, scheme, noise, dg, trace, ch
     y0 = wrap(init_state(scheme, f, g, ts[0], x0, theta, noise=noise))
     yN, kept = _forward_pass(run, y0, ts, incs, keep_every=seg)
     a = _end_adjoint(yN, loss)
+    back = _backward_step(scheme, f, g, dg, noise, ts, x0, theta, yN, a, incs, trace, rebuild=False)
     h = ts[1:] - ts[:-1]
     g_theta = torch.zeros_like(theta)
-    for s in sorted(kept, reverse=True):
-        e = min(s + seg, N)
-        with torch.enable_grad():
-            ys = tuple(v.detach().requires_grad_(True) for v in kept.pop(s))
-            th = theta.detach().requires_grad_(True)
-            y = ys
-            for n in range(s, e):
-                y = wrap(step(ts[n], h[n], *y, *(v[n] for v in incs), th))
-            live = [(out, adj) for out, adj in zip(y, a) if out.requires_grad]
-            grads = torch.autograd.grad([o for o, _ in live], (*ys, th), [adj for _, adj in live], allow_unused=True)
-        a = tuple(torch.zeros_like(v) if gr is None else gr for v, gr in zip(ys, grads[:-1]))
-        if grads[-1] is not None:
-            g_theta = g_theta + grads[-1]
-        del y, live, grads
+    with torch.no_grad():
+        for s in sorted(kept, reverse=True):
+            e = min(s + seg, N)
+            states = [kept.pop(s)]
+            for n in range(s, e - 1):                        # the segment's states, recomputed from its checkpoint
+                states.append(run(ts[n], h[n], *states[-1], *(v[n] for v in incs)))
+            for n in range(e - 1, s - 1, -1):
+                out = back(ts[n], h[n], *states.pop(), *(v[n] for v in incs), *a)
+                a, g_theta = out[:-1], g_theta + out[-1]
     return a, g_theta
 
 

@@ -1,12 +1,16 @@
-"""The comparison runner: every method on one problem, the same x0 and Brownian increments.
+"""The comparison runner: every method on one problem, the same x0 and Brownian increments (and Levy areas).
 
-Per method: the estimate of dE[L(X_T)]/dtheta, its standard error, the per-path variance, the error
-against the closed form, wall time and peak memory. Memory is the peak increase of the process's
-resident set size, sampled from /proc/self/statm every 2 ms while the method runs (it sees torch and
-XLA allocations alike; allocator caching makes it a rough figure).
+Per method: the estimate of dE[L(X_T)]/dtheta, its standard error, the per-path variance, the error against the
+closed form in standard errors (against the scheme's *discrete* closed form where the problem has one, else the
+continuous limit; the result says which), warm wall time with the one-off cost (tracing, JIT compilation) of the
+first call in its own column, and peak memory. Memory is the peak increase of the process's resident set size
+during the warm call, sampled from /proc/self/statm every 2 ms (it sees torch and XLA allocations alike; allocator
+caching makes it a rough figure, and small figures are below its resolution).
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import threading
 import time
@@ -17,14 +21,36 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import adjoint, backprop, finite_diff, score_function
-from ..solvers import SCHEMES, brownian_increments
+from ..solvers import SCHEMES, get_scheme
+from ..solvers.brownian_path import BrownianGrid
+from .finite_diff import fresh_noise
 from .forward import forward
-from .problems import Problem
+from .problems import Problem, closed_form, discrete_expectation
 
-__all__ = ["METHODS", "run", "strong_errors", "measure"]
+__all__ = ["METHODS", "METHOD_HELP", "run", "strong_errors", "measure"]
 
-METHODS = ["forward", "backprop", "adjoint", "diffrax", "fd_crn", "fd_independent", "score_function",
-           "score_function_baseline"]
+METHOD_HELP = {
+    "forward": "forward-mode sensitivity J = dX/dtheta along the path (traced vmapped JVP of the step map), chain "
+               "rule per path; cost grows with P, memory flat in N",
+    "backprop": "reverse-mode autograd through the same solve, per path (vmap over paths of grad); memory grows with N",
+    "adjoint": "sdekit's native adjoint: reversible_heun rebuilds the path backwards with its exact inverse step "
+               "(memory flat in N, = backprop to round-off); other schemes: checkpointed backprop; a mean gradient, "
+               "so its variance comes from group means",
+    "checkpoint": "checkpointed backprop (ceil(sqrt N) stored states, segments re-run with a tape); shown for "
+                  "reversible_heun, where 'adjoint' is the reversible adjoint; group means",
+    "adjoint_torchsde": "torchsde.sdeint_adjoint on the same increments: solves the continuous adjoint SDE backwards "
+                        "with its own discretisation, so it matches backprop only up to O(h^1/2..1); group means",
+    "diffrax": "JAX autodiff through diffrax.diffeqsolve on the same increments (euler, milstein, heun; diagonal "
+               "noise, increasing time), per path",
+    "fd_crn": "central finite differences with common random numbers (both solves on the same noise), per path",
+    "fd_independent": "central finite differences with independent noise for every solve: variance ~ Var(L)/(2h^2)",
+    "score_function": "likelihood ratio L(X_N) x the discrete Girsanov score of the Euler chain (drift parameters "
+                      "only, scheme euler, g g^T invertible), per path",
+    "score_function_baseline": "the same with the batch mean of L subtracted (a control variate)",
+}
+METHODS = list(METHOD_HELP)
+# interop.diffrax.path_gradients jit-compiles a fresh function on every call: its every call includes compilation
+_COMPILES_EVERY_CALL = ("diffrax",)
 
 
 def _rss() -> int:
@@ -32,8 +58,18 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * 4096
 
 
+def _trim() -> None:
+    """Return freed heap memory to the OS (glibc), so that memory a previous call freed is not reused unseen."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(fn: Callable[[], Tensor]) -> tuple[Tensor, float, int]:
     """(result, seconds, peak RSS increase in bytes) of fn()."""
+    _trim()
     base, peak, done = _rss(), [0], threading.Event()
 
     def sample():
@@ -53,72 +89,122 @@ def measure(fn: Callable[[], Tensor]) -> tuple[Tensor, float, int]:
     return out, seconds, max(peak[0], _rss() - base)
 
 
-def _batch_means(fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, dW: Tensor, groups: int) -> Tensor:
+def _batch_means(fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], x0: Tensor, dW: Tensor, H: Tensor | None,
+                 groups: int) -> Tensor:
     """A method that only returns a mean gradient, run on `groups` disjoint path groups: (groups, P)."""
     idx = torch.arange(x0.shape[0]).chunk(groups)
-    return torch.stack([fn(x0[i], dW[:, i]) for i in idx])
+    return torch.stack([fn(x0[i], dW[:, i], None if H is None else H[:, i]) for i in idx])
 
 
-def run(problem: Problem, paths: int = 10000, steps: int = 200, scheme: str = "euler", seed: int = 0,
+def _noise_dim(problem: Problem, x0: Tensor) -> int:
+    if problem.noise == "diagonal":
+        return x0.shape[1]
+    with torch.no_grad():
+        return problem.g(torch.tensor(problem.t0, dtype=x0.dtype), x0[:1], problem.theta).shape[-1]
+
+
+def run(problem: Problem, paths: int | None = None, steps: int | None = None, scheme: str = "euler", seed: int = 0,
         fd_h: float = 1e-3, methods: list[str] | None = None, groups: int = 20, progress: bool = True) -> dict:
-    """Every method on the problem; returns a dict of plain numbers (JSON-ready)."""
+    """Every method on the problem; returns a dict of plain numbers (JSON-ready). paths/steps default to the
+    problem's own (`Problem.paths`, `Problem.steps`)."""
     methods = METHODS if methods is None else methods
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected a subset of {METHODS}")
+    sch = get_scheme(scheme)
+    sch.check_noise(problem.noise, scheme)
+    paths = problem.paths if paths is None else paths
+    steps = problem.steps if steps is None else steps
+    if paths < 2 * groups:
+        groups = max(2, paths // 2)
     gen = torch.Generator().manual_seed(seed)
     x0 = problem.x0(paths, gen)
     ts = problem.ts(steps)
-    dW = brownian_increments(ts, tuple(x0.shape), gen)
-    f, g, theta, loss = problem.drift(scheme), problem.g, problem.theta, problem.loss
-    forward_time = ts[-1] > ts[0]
-    drift_ok = len(problem.drift_params) > 0 and scheme == "euler"
+    m = _noise_dim(problem, x0)
+    dW, H = fresh_noise(ts, (paths, m), sch.needs_levy_area, gen, x0.dtype)
+    f, g, theta, loss, noise = problem.drift(scheme), problem.g, problem.theta, problem.loss, problem.noise
+    kw = dict(noise=noise, levy_area=H)
+    increasing = bool(ts[-1] > ts[0])
     fd_gen = torch.Generator().manual_seed(seed + 1)
+    chunk = max(1, 200_000 // steps)                        # backprop's vmap chunk: tape of at most ~2e5 path-steps
 
     def forward_est():
-        x, J = forward(f, g, x0, theta, ts, dW, scheme, save="end")
+        x, J = forward(f, g, x0, theta, ts, dW, scheme, save="end", **kw)
         dL = torch.func.vmap(torch.func.grad(lambda xb: loss(xb[None])[0]))(x)      # (B, d)
         return torch.einsum("bd,bdp->bp", dL, J)
 
+    def means(backend):
+        return lambda: _batch_means(lambda a, w, h_: adjoint.mean_gradient(f, g, a, theta, ts, w, loss, scheme, noise=noise,
+                                                                           levy_area=h_, backend=backend), x0, dW, H, groups)
+
+    sf_skip = ("needs scheme=euler (the Euler chain's Gaussian transition density)" if scheme != "euler" else
+               "the problem has no drift-only parameters" if not problem.drift_params else None)
+    diffrax_skip = ("no JAX version of this problem's fields" if problem.xp_fields is None else
+                    f"scheme {scheme} not wired (euler, milstein, heun)" if scheme not in ("euler", "milstein", "heun") else
+                    "diffrax's replay here needs increasing time" if not increasing else None)
     runners: dict[str, tuple[Callable[[], Tensor], str] | str] = {
         "forward": (forward_est, "per-path"),
-        "backprop": ((lambda: backprop.path_gradients(f, g, x0, theta, ts, dW, loss, scheme)), "per-path"),
-        "adjoint": ((lambda: _batch_means(lambda a, w: adjoint.mean_gradient(f, g, a, theta, ts, w, loss), x0, dW, groups),
-                     "batch-means") if forward_time and scheme == "euler" else "needs increasing ts and scheme=euler"),
-        "diffrax": ((lambda: _diffrax(problem, x0, theta, ts, dW, scheme)), "per-path") if problem.xp_fields is not None and scheme != "heun"
-        else "no JAX version of this problem's fields" if problem.xp_fields is None else "scheme=heun not wired",
-        "fd_crn": ((lambda: finite_diff.path_gradients(f, g, x0, theta, ts, dW, loss, fd_h, scheme)), "per-path"),
+        "backprop": ((lambda: backprop.path_gradients(f, g, x0, theta, ts, dW, loss, scheme, chunk_size=chunk, **kw)),
+                     "per-path"),
+        "adjoint": (means("native"), "group-means"),
+        "checkpoint": (means("checkpoint"), "group-means") if sch.inverse is not None else
+        "the same computation as 'adjoint' for this scheme (no exact inverse step: the native adjoint is checkpointed)",
+        "adjoint_torchsde": (means("torchsde"), "group-means") if not sch.needs_levy_area
+        else "torchsde replays given increments without Levy areas, which srk needs",
+        "diffrax": ((lambda: _diffrax(problem, x0, theta, ts, dW, scheme)), "per-path") if diffrax_skip is None else diffrax_skip,
+        "fd_crn": ((lambda: finite_diff.path_gradients(f, g, x0, theta, ts, dW, loss, fd_h, scheme, **kw)), "per-path"),
         "fd_independent": ((lambda: finite_diff.path_gradients(f, g, x0, theta, ts, dW, loss, fd_h, scheme, crn=False,
-                                                               generator=fd_gen)), "per-path"),
-        "score_function": ((lambda: score_function.path_gradients(f, g, x0, theta, ts, dW, loss)), "per-path")
-        if drift_ok else "no drift-only parameters or scheme != euler",
-        "score_function_baseline": ((lambda: score_function.path_gradients(f, g, x0, theta, ts, dW, loss, baseline=True)),
-                                    "per-path") if drift_ok else "no drift-only parameters or scheme != euler",
+                                                               generator=fd_gen, noise=noise)), "per-path"),
+        "score_function": ((lambda: score_function.path_gradients(f, g, x0, theta, ts, dW, loss, noise=noise)), "per-path")
+        if sf_skip is None else sf_skip,
+        "score_function_baseline": ((lambda: score_function.path_gradients(f, g, x0, theta, ts, dW, loss, baseline=True,
+                                                                          noise=noise)), "per-path")
+        if sf_skip is None else sf_skip,
     }
-    exact = problem.exact_grad(theta).tolist() if problem.exact_grad is not None else None
+    cf = closed_form(problem, scheme, ts)
+    continuous = problem.exact_grad(theta).tolist() if problem.exact_grad is not None else None
+    reference = None if cf is None else cf[1].double()
     out = {"problem": problem.name, "description": problem.description, "paths": paths, "steps": steps,
-           "scheme": scheme, "seed": seed, "fd_h": fd_h, "param_names": problem.param_names[:16],
-           "theta": theta.tolist(), "exact": exact, "memory": "peak RSS increase (/proc/self/statm, 2 ms sampling)",
-           "methods": {}}
+           "scheme": scheme, "sde_type": sch.sde_type, "noise": noise, "reverse_time": problem.reverse_time,
+           "t0": problem.t0, "t1": problem.t1, "seed": seed, "fd_h": fd_h, "groups": groups,
+           "param_names": problem.param_names, "theta": theta.tolist(),
+           "closed_form_kind": None if cf is None else cf[0], "closed_form": None if cf is None else cf[1].tolist(),
+           "continuous_limit": continuous,
+           "exact": None if cf is None else cf[1].tolist(),
+           "memory": "peak RSS increase of the warm call (/proc/self/statm, 2 ms sampling)",
+           "threads": torch.get_num_threads(), "methods": {}}
     for name in tqdm(methods, desc=f"sensitivity {problem.name}", disable=not progress):
         spec = runners[name]
         if isinstance(spec, str):
             out["methods"][name] = {"skipped": spec}
             continue
         fn, kind = spec
-        est, seconds, mem = measure(fn)
+        try:
+            if name in _COMPILES_EVERY_CALL:                         # no warm call to be had: one call, no one-off column
+                est, seconds, mem = measure(fn)
+                cold = None
+            else:
+                _, cold, _ = measure(fn)                            # first call: includes tracing / compiling
+                est, seconds, mem = measure(fn)                     # warm call: what a repeated solve costs
+        except (ValueError, ImportError, NotImplementedError, RuntimeError) as err:
+            out["methods"][name] = {"skipped": f"{type(err).__name__}: {err}"[:400]}
+            continue
         est = est.double()
         n = est.shape[0]
-        mean = est.mean(0)
-        var = est.var(0)
-        if kind == "batch-means":               # variance of one group mean, scaled to one path
+        mean, var = est.mean(0), est.var(0)
+        if kind == "group-means":               # variance of one group mean, scaled to one path
             per_path_var, se = var * (paths / n), (var / n).sqrt()
         else:
             per_path_var, se = var, (var / n).sqrt()
         row = {"estimate": mean.tolist(), "stderr": se.tolist(), "per_path_variance": per_path_var.tolist(),
-               "seconds": seconds, "peak_bytes": mem, "variance_from": kind}
-        if exact is not None:
-            row["error"] = (mean - torch.tensor(exact, dtype=mean.dtype)).tolist()
+               "seconds": seconds, "one_off_seconds": None if cold is None else max(0.0, cold - seconds), "peak_bytes": mem, "variance_from": kind}
+        if reference is not None:
+            err = mean - reference
+            row["error"] = err.tolist()
+            # the standard error floored at round-off (1e-9 of the closed form): a method whose paths all give the
+            # same derivative (a linear SDE with additive noise) is not flagged for disagreeing in the last digits
+            row["z"] = [float(e / max(float(s), 1e-9 * abs(float(r)))) if max(float(s), abs(float(r))) > 0 else 0.0
+                        for e, s, r in zip(err, se, reference)]
         out["methods"][name] = row
     return out
 
@@ -129,29 +215,30 @@ def _diffrax(problem: Problem, x0, theta, ts, dW, scheme):
 
 
 def strong_errors(problem: Problem, paths: int = 1000, finest: int = 1024, levels: int = 6, seed: int = 0,
-                  schemes: tuple[str, ...] = ("euler", "milstein", "heun")) -> dict:
-    """Mean |J_h(T) - J_exact(T)| on one fine Brownian path per sample, coarsened by summing increments.
+                  schemes: tuple[str, ...] | None = None) -> dict:
+    """Mean |J_h(T) - J_exact(T)| on one fine Brownian path per sample (a BrownianGrid, with Levy areas for srk),
+    read on coarser grids; for every scheme that takes the problem's noise type unless `schemes` is given.
 
-    Returns {"steps": [...], scheme: {"errors": [...], "slope": fitted log-log slope in h, "order": nominal}}.
+    Returns {"steps": [...], "h": [...], scheme: {"errors": [...], "slope": fitted log-log slope in h, "order": nominal}}.
     """
     if problem.exact_J is None:
         raise ValueError(f"problem {problem.name!r} has no closed-form pathwise derivative")
+    schemes = tuple(n for n, s in SCHEMES.items() if problem.noise in s.orders) if schemes is None else schemes
     gen = torch.Generator().manual_seed(seed)
     x0 = problem.x0(paths, gen)
     ts_fine = problem.ts(finest)
-    dW_fine = brownian_increments(ts_fine, tuple(x0.shape), gen)
+    path = BrownianGrid.draw(ts_fine, (paths, _noise_dim(problem, x0)), gen, levy_area=True)
     T = problem.t1 - problem.t0
-    _, J_exact = problem.exact_J(x0, problem.theta, T, dW_fine.sum(0))
+    _, J_exact = problem.exact_J(x0, problem.theta, T, path.increments(ts_fine).sum(0))
     steps = [finest // 2**k for k in range(levels)][::-1]
-    out: dict = {"steps": steps, "h": [T / n for n in steps]}
+    out: dict = {"steps": steps, "h": [abs(T) / n for n in steps]}
     for scheme in schemes:
         errs = []
         for n in steps:
-            dW = dW_fine.reshape(n, finest // n, *x0.shape).sum(1)
-            _, J = forward(problem.drift(scheme), problem.g, x0, problem.theta, problem.ts(n), dW, scheme, save="end")
+            _, J = forward(problem.drift(scheme), problem.g, x0, problem.theta, problem.ts(n), scheme=scheme, save="end",
+                           bm=path, noise=problem.noise)
             errs.append(float((J - J_exact).abs().mean()))
-        slope = _slope(out["h"], errs)
-        out[scheme] = {"errors": errs, "slope": slope, "order": SCHEMES[scheme].strong_order}
+        out[scheme] = {"errors": errs, "slope": _slope(out["h"], errs), "order": SCHEMES[scheme].order(problem.noise)}
     return out
 
 
@@ -160,3 +247,12 @@ def _slope(h: list[float], err: list[float]) -> float:
     ly = torch.tensor([math.log(v) for v in err], dtype=torch.float64)
     lx = lx - lx.mean()
     return float((lx * (ly - ly.mean())).sum() / (lx * lx).sum())
+
+
+def discrete_bias(problem: Problem, scheme: str, steps: int) -> list[float] | None:
+    """The scheme's discretisation bias of the gradient: discrete closed form minus continuous limit (P,)."""
+    if not problem.linear or problem.exact_grad is None:
+        return None
+    th = problem.theta.detach().clone().requires_grad_(True)
+    gd = torch.autograd.grad(discrete_expectation(problem, scheme, problem.ts(steps), th), th)[0]
+    return (gd - problem.exact_grad(problem.theta)).tolist()
