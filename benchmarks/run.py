@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("simulation", "sensitivity", "samplers", "training")
+SECTIONS = ("simulation", "adaptive", "sensitivity", "samplers", "training")
+PROBLEMS = ("gbm", "neural", "scalar", "additive", "general")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,15 +30,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="add a torch.compile row for sdekit.simulate, optionally with a mode (e.g. reduce-overhead)")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX/diffrax rows")
     p.add_argument("--batches", default=None, help="simulation batch sizes, comma-separated (default 1e3,1e4 quick; 1e3,1e4,1e5 full)")
-    p.add_argument("--problems", default="gbm,neural", help="simulation problems, a subset of gbm,neural")
+    p.add_argument("--schemes", default=None,
+                   help="simulation schemes, comma-separated registry names (default: every registered scheme)")
+    p.add_argument("--problems", default=",".join(PROBLEMS),
+                   help=f"simulation problems, a subset of {','.join(PROBLEMS)} (the last three: noise types)")
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         p.error(f"unknown section(s) {bad}; expected a subset of {SECTIONS}")
     which = tuple(s for s in args.problems.split(",") if s)
-    if not which or any(s not in ("gbm", "neural") for s in which):
-        p.error(f"--problems must be a comma-separated subset of gbm,neural, got {args.problems!r}")
+    if not which or any(s not in PROBLEMS for s in which):
+        p.error(f"--problems must be a comma-separated subset of {','.join(PROBLEMS)}, got {args.problems!r}")
+    schemes = tuple(s for s in args.schemes.split(",") if s) if args.schemes else None
+    if schemes is not None:
+        from sdekit.solvers import SCHEMES
+        if not schemes or any(s not in SCHEMES for s in schemes):
+            p.error(f"--schemes must be a comma-separated subset of {','.join(SCHEMES)}, got {args.schemes!r}")
     try:
         batches = tuple(int(float(b)) for b in args.batches.split(",")) if args.batches else None
     except ValueError:
@@ -68,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{s}]", flush=True)
         if s == "simulation":
             from . import simulation
-            result[s] = simulation.run(args.quick, args.device, repeats, args.compile, jax_ok, batches=batches, which=which)
+            result[s] = simulation.run(args.quick, args.device, repeats, args.compile, jax_ok, batches=batches, which=which,
+                                       schemes=schemes)
+        elif s == "adaptive":
+            from . import simulation
+            result[s] = simulation.adaptive_run(args.quick, args.device)
         elif s == "sensitivity":
             from . import sensitivity
             result[s] = sensitivity.run(args.quick, args.device, repeats, jax_ok)
