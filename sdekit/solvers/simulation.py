@@ -95,10 +95,12 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
     rtol/atol, starting from dt0 (default |ts[-1] - ts[0]| / 100), landing on every time of ts; the path must
     answer any time (not a BrownianGrid). Euler is refused unless the noise is additive (its adaptive solution
     converges to a wrong limit; milstein, srk, heun, midpoint do not). Without bm a VirtualBrownianTree is drawn
-    from generator (returned as info["bm"]); with dW= it is an error. dt_min (default 1e-10 of the span):
-    smaller steps are accepted with a warning; max_steps: attempts before a RuntimeError.
+    from generator (returned as info["bm"]); with dW= it is an error. dt_min (default 1e-10 of the span): the
+    shortest step, accepted even above tolerance (counted in info["dt_min_steps"], with a RuntimeWarning);
+    max_steps: attempts before a RuntimeError.
     return_info=True returns (X, info): info["accepted"], ["rejected"] steps and ["step_evaluations"] (scheme
-    steps taken: N on a fixed grid, 3 per attempt when adaptive), and when adaptive ["t_accepted"], ["bm"].
+    steps taken: N on a fixed grid, 3 per attempt when adaptive), and when adaptive ["dt_min_steps"],
+    ["t_accepted"] (the accepted steps' end times, float64) and ["bm"] (the path read).
     """
     sch = get_scheme(scheme)
     # dW and levy_area are checked for NaN/inf only if the path turns out non-finite (a NaN increment makes it so)
