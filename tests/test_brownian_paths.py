@@ -559,3 +559,22 @@ def test_torchsde_and_sdekit_share_paths_both_ways():
         theirs = torchsde.sdeint(SDE(), x0, grid, method=method, dt=1 / 32, bm=tree)
         ours = sdekit.simulate(f, g, x0, th, grid, scheme=method, bm=tree, save="path")
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_adaptive_limits_are_reported():
+    """max_steps attempts, then a RuntimeError naming how far it got; steps held at dt_min above tolerance are
+    accepted, counted and warned about; a state that is not finite even at dt_min is a FloatingPointError."""
+    f, _, g, th, _ = stiff_layer()
+    B = 8
+    x0 = torch.ones(B, 1, dtype=F64)
+    ends = torch.tensor([0.0, 1.0], dtype=F64)
+    tree = VirtualBrownianTree(0.0, 1.0, (B, 1), seed=0, dtype=F64)
+    with pytest.raises(RuntimeError, match="more than max_steps=5 attempts"):
+        sdekit.simulate(f, g, x0, th, ends, scheme="milstein", bm=tree, adaptive=True, rtol=1e-4, max_steps=5)
+    with pytest.warns(RuntimeWarning, match="minimum size dt_min"):
+        _, info = sdekit.simulate(f, g, x0, th, ends, scheme="milstein", bm=tree, adaptive=True, rtol=1e-6, atol=1e-8,
+                                  dt_min=0.05, return_info=True)
+    assert info["dt_min_steps"] > 0
+    blow = lambda t, x, th: torch.where(t > 0.5, torch.full_like(x, float("inf")), -x)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        sdekit.simulate(blow, g, x0, th, ends, scheme="milstein", bm=tree, adaptive=True, dt_min=1e-3)
