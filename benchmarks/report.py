@@ -54,6 +54,35 @@ def targets(result: dict) -> list[dict]:
             lo, hi = min(mems)[1], max(mems)[1]
             out.append(dict(target=f"forward (end) peak memory, N={max(mems)[0]} minus N={min(mems)[0]} (MiB)",
                             value=hi - lo, bound="flat (<= 8 MiB growth)", met=hi - lo <= 8.0))
+        out += _adjoint_targets(sens)
+    return out
+
+
+def _adjoint_targets(sens: dict) -> list[dict]:
+    """The native adjoint's and checkpointed backprop's targets, from the adjoint sweep."""
+    out = []
+    rows = [r for r in sens["rows"] if r["sweep"] == "adjoint" and "median_s" in r]
+    by = lambda m, N: next((r for r in rows if r["method"] == m and r["steps"] == N), None)   # noqa: E731
+    mem = sorted((r["steps"], r["peak_mib"]) for r in sens["rows"]
+                 if r["sweep"] == "adjoint_memory" and r["method"] == "adjoint, reversible_heun")
+    if len(mem) >= 2 and mem[0][1] > 0:
+        (n0, lo), (n1, hi) = mem[0], mem[-1]
+        out.append(dict(target=f"reversible-Heun adjoint peak memory, N={n1} vs N={n0} (B={sens['adjoint_memory_batch']}; "
+                               f"{lo:.1f} -> {hi:.1f} MiB), growth", value=hi / lo - 1, bound="<= 0.10",
+                        met=hi <= 1.1 * lo))
+    v = [(r["steps"], r["time_vs_backprop"]) for r in rows if r["method"] == "adjoint, reversible_heun" and "time_vs_backprop" in r]
+    if v:
+        N, worst = max(v, key=lambda t: t[1])
+        out.append(dict(target=f"reversible-Heun adjoint time / backprop through the same solve (worst N: {N})",
+                        value=worst, bound="<= 3", met=worst <= 3))
+    N = max((r["steps"] for r in rows), default=None)
+    c, b = by("checkpointed backprop, euler", N), by("backprop, euler", N)
+    if c and b:
+        out.append(dict(target=f"checkpointed backprop (euler) time / backprop, N={N}", value=c["median_s"] / b["median_s"],
+                        bound="<= 2", met=c["median_s"] / b["median_s"] <= 2))
+        if c.get("peak_mib") is not None and b.get("peak_mib"):
+            out.append(dict(target=f"checkpointed backprop (euler) peak memory / backprop's, N={N}",
+                            value=c["peak_mib"] / b["peak_mib"], bound="<= 0.10", met=c["peak_mib"] <= 0.1 * b["peak_mib"]))
     return out
 
 
@@ -174,6 +203,33 @@ def markdown(result: dict) -> str:
                     cells.append("-" if r is None or r.get("time_vs_primal") is None else f"{r['time_vs_primal']:.1f}")
                 L.append(f"| {m} | " + " | ".join(cells) + " |")
         L += ["", "Forward methods give the full J (B, d, P); backprop, adjoint and diffrax give d mean(X_T)/d theta.", ""]
+        rows = [r for r in sens["rows"] if r["sweep"] == "adjoint"]
+        if rows:
+            Ns = sens["adjoint_steps"]
+            L += [f"## Gradients in memory flat in N: GBM, B={sens['adjoint_batch']}, d mean(X_T)/d theta", "",
+                  "Time / backprop through the same scheme's solve (euler rows against sdekit's backprop of the Euler solve, "
+                  "reversible_heun rows against its backprop of the reversible Heun solve), and peak memory above the "
+                  "inputs (MiB, resident set; the increments dW are an input). torchsde's and diffrax's rows solve the same "
+                  "scheme with their own code.", "",
+                  "| method | " + " | ".join(f"N={N}" for N in Ns) + " |", "|---|" + "---:|" * len(Ns)]
+            for m in dict.fromkeys(r["method"] for r in rows):
+                cells = []
+                for N in Ns:
+                    r = next((r for r in rows if r["method"] == m and r["steps"] == N), None)
+                    if r is None:
+                        cells.append("-")
+                    elif "error" in r:
+                        cells.append("error")
+                    else:
+                        t = f"{r['time_vs_backprop']:.2f}x" if "time_vs_backprop" in r else f"{r['median_s']:.3g} s"
+                        cells.append(t + (f" ({r['peak_mib']:.0f})" if r.get("peak_mib") is not None else ""))
+                L.append(f"| {m} | " + " | ".join(cells) + " |")
+            flat = [r for r in sens["rows"] if r["sweep"] == "adjoint_memory"]
+            if flat:
+                L += ["", f"Peak memory at B={sens['adjoint_memory_batch']} (MiB above the inputs): " + "; ".join(
+                    f"{m} " + ", ".join(f"N={r['steps']} {r['peak_mib']:.1f}" for r in flat if r["method"] == m)
+                    for m in dict.fromkeys(r["method"] for r in flat)) + " (plot sensitivity_adjoint.png)"]
+            L.append("")
     smp = result.get("samplers")
     if smp:
         r0 = smp["rows"][0]
@@ -267,6 +323,21 @@ def plots(result: dict, out: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         _save(fig, out / "sensitivity.png")
+        rows = [r for r in sens["rows"] if r["sweep"] == "adjoint" and "median_s" in r]
+        if rows:
+            fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+            for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+                rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["steps"])
+                style = "o-" if i < 10 else "s--"                 # the default colour cycle has 10 colours
+                axes[0].loglog([r["steps"] for r in rs], [r["median_s"] for r in rs], style, label=m, ms=4)
+                rm = [r for r in rs if r.get("peak_mib")]
+                axes[1].loglog([r["steps"] for r in rm], [r["peak_mib"] for r in rm], style, label=m, ms=4)
+            axes[0].set(xlabel="steps N", ylabel="seconds", title=f"d mean(X_T)/d theta, GBM B={sens['adjoint_batch']}")
+            axes[1].set(xlabel="steps N", ylabel="peak memory above the inputs (MiB)", title="peak memory")
+            for ax in axes:
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=6)
+            _save(fig, out / "sensitivity_adjoint.png")
     smp = result.get("samplers")
     if smp:
         rows = [r for r in smp["rows"] if r.get("median_s")]
