@@ -374,7 +374,7 @@ def diffusion(probability_flow: bool = False, sde: VPSDE | None = None) -> Probl
                    lambda x: x.sum(-1), f_strat=f, exact_grad=lambda th: torch.full((2,), alpha_min, dtype=torch.float64),
                    drift_params=() if probability_flow else (0, 1),
                    description=f"VP {kind} sampler, exact mixture score shifted by theta, L = x_1 + x_2",
-                   extra={"sde": sde, "mixture": gmm, "score": score})
+                   paths=2000, steps=100, extra={"sde": sde, "mixture": gmm, "score": score})
 
 
 def diffusion_gauss(sde: VPSDE | None = None, std: float = 0.3) -> Problem:
