@@ -81,7 +81,7 @@ def test_forward_backprop_adjoint_and_finite_differences_agree(scheme, noise):
         fwd_t, fwd_x = torch.einsum("bd,bdp->p", dL, Jt[-1]) / B, torch.einsum("bd,bdk->bk", dL, Jx[-1]) / B
         bp_t, bp_x = backprop.mean_gradient(drift, g, x0, THETA, ts, dW, loss, scheme, wrt="both", **kw)
         assert _rel(fwd_t, bp_t) < 1e-10 and _rel(fwd_x, bp_x) < 1e-10
-        for backend, ck in (("native", None), ("checkpoint", 2), ("checkpoint", 4)):
+        for backend, ck in (("native", None), ("checkpoint", 4)):          # 4: uneven segments of 6 steps
             ad_t, ad_x = adjoint.mean_gradient(drift, g, x0, THETA, ts, dW, loss, scheme, wrt="both", backend=backend,
                                                checkpoints=ck, **kw)
             assert _rel(ad_t, bp_t) < 1e-10 and _rel(ad_x, bp_x) < 1e-10, (backend, ck, reverse, _rel(ad_t, bp_t))

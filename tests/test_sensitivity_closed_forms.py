@@ -156,7 +156,7 @@ def test_report_on_forward_and_reverse_time_problems(name, scheme):
     """Every method the report runs: the pathwise methods agree to round-off with backprop, every per-path estimate
     is within 4 standard errors of the discrete closed form, and the columns are filled as documented."""
     methods = [m for m in METHODS if m not in ("diffrax", "adjoint_torchsde", "fd_independent")]
-    res = run(make_problem(name), paths=1000, steps=12, scheme=scheme, methods=methods, groups=10, progress=False)
+    res = run(make_problem(name), paths=1000, steps=10, scheme=scheme, methods=methods, groups=10, progress=False)
     assert res["closed_form_kind"] == "discrete" and res["reverse_time"] == (name == "diffusion_gauss")
     rows = res["methods"]
     pathwise = ["forward", "adjoint"] + (["checkpoint"] if scheme == "reversible_heun" else [])
@@ -167,7 +167,10 @@ def test_report_on_forward_and_reverse_time_problems(name, scheme):
             assert m in ("checkpoint", "score_function", "score_function_baseline"), (m, row)
             continue
         assert row["seconds"] > 0 and row["one_off_seconds"] >= 0 and row["peak_bytes"] >= 0
-        assert all(abs(z) < 4 for z in row["z"]), (m, row["z"])
+        # per-path methods: |z| < 4; mean-gradient methods take their standard error from 10 group means, so z is
+        # Student-t with 9 degrees of freedom (P(|t| > 6) = 2e-4); their means equal backprop's (checked above)
+        bound = 6 if row["variance_from"] == "group-means" else 4
+        assert all(abs(z) < bound for z in row["z"]), (m, row["z"])
     if scheme == "euler":                                   # the score function runs on the Euler chain only
         assert "z" in rows["score_function"]
         # the pathwise estimators have far lower variance per path than the score function here
