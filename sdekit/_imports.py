@@ -69,6 +69,18 @@ def pyplot(feature: str) -> ModuleType:
     return require("matplotlib.pyplot", feature)
 
 
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Write a matplotlib figure to `path` atomically (a temporary file, then a rename) and close it."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)
+    pyplot("plots").close(fig)
+    os.replace(tmp, path)
+
+
 def import_target(target: str):
     """The object a config names as 'module:attr', e.g. 'sdekit_models.mlp:MLP' -> the MLP class.
 

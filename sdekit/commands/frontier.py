@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from .._imports import pyplot
+from .._imports import pyplot, save_figure
 from ..samplers.frontier import BUDGETS, frontier_markdown, run_frontier
 
 __all__ = ["main", "plot"]
@@ -32,10 +31,7 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .._imports import pyplot
+from .._imports import pyplot, save_figure
 from ..data import EXACT_MIXTURES
 from ..samplers.report import run_report
 from ..sde import SDES
@@ -54,10 +54,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _write_atomic(path: Path, text: str) -> None:
