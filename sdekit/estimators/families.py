@@ -283,7 +283,22 @@ class Categorical(Family):
         return torch.softmax(theta, -1)
 
 
-class Concrete(Categorical):
+class _Relaxation:
+    """A continuous relaxation of a discrete family at a temperature; hard=True is its straight-through variant.
+    Holds what Concrete and RelaxedBernoulli share: the temperature check and sampling without a gradient."""
+
+    def __init__(self, d: int, temperature: float = 0.5, hard: bool = False, logits: Tensor | None = None):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        super().__init__(d, logits)
+        self.temperature, self.hard = float(temperature), hard
+
+    def sample(self, theta, *, generator=None):
+        with torch.no_grad():
+            return self.rsample(theta.detach(), generator=generator)
+
+
+class Concrete(_Relaxation, Categorical):
     """Gumbel-softmax / Concrete relaxation of `Categorical` at a temperature (Jang et al. 2017;
     Maddison et al. 2017). rsample is a point of the simplex; hard=True gives the straight-through
     variant (one-hot forward, relaxed backward). Both give biased gradients of the categorical
@@ -292,18 +307,8 @@ class Concrete(Categorical):
     name = "concrete"
     reparameterizable = True
 
-    def __init__(self, d: int, temperature: float = 0.5, hard: bool = False, logits: Tensor | None = None):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        super().__init__(d, logits)
-        self.temperature, self.hard = float(temperature), hard
-
     def rsample(self, theta, *, generator=None):
         return gumbel_softmax(self.check(theta), self.temperature, hard=self.hard, generator=generator)
-
-    def sample(self, theta, *, generator=None):
-        with torch.no_grad():
-            return self.rsample(theta.detach(), generator=generator)
 
     def log_prob(self, theta, z):
         if self.hard:
@@ -350,19 +355,13 @@ class Bernoulli(Family):
         return torch.sigmoid(theta)
 
 
-class RelaxedBernoulli(Bernoulli):
+class RelaxedBernoulli(_Relaxation, Bernoulli):
     """Binary Concrete (Maddison et al. 2017): z = sigmoid((logit + log u - log(1 - u)) / temperature) in (0, 1).
     hard=True gives the straight-through variant: forward 1[logit + logistic noise > 0], an exact Bernoulli
     sample, with the relaxed sample's gradient. Both are biased for the Bernoulli expectation."""
 
     name = "relaxed_bernoulli"
     reparameterizable = True
-
-    def __init__(self, d: int, temperature: float = 0.5, hard: bool = False, logits: Tensor | None = None):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        super().__init__(d, logits)
-        self.temperature, self.hard = float(temperature), hard
 
     def rsample(self, theta, *, generator=None):
         logits = self.check(theta)
@@ -371,10 +370,6 @@ class RelaxedBernoulli(Bernoulli):
         if not self.hard:
             return y
         return (y > 0.5).to(y.dtype) + y - y.detach()
-
-    def sample(self, theta, *, generator=None):
-        with torch.no_grad():
-            return self.rsample(theta.detach(), generator=generator)
 
     def log_prob(self, theta, z):
         if self.hard:
