@@ -170,6 +170,29 @@ def test_fusion_keeps_a_product_added_to_itself():
     torch.testing.assert_close(bind()(x, y), 2 * x * y, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_folded_scalar_products_are_bitwise_the_unfused_ones(dtype):
+    """addcmul(acc, mul(theta_k, x), y) runs as addcmul(acc, x, y, value=theta_k): one op less, the same bits.
+
+    The tail lengths (7, 1003) reach the kernels' scalar loops as well as their vector ones, and the theta read as
+    a Python number is the one of this solve (changed between two calls of bind)."""
+    from sdekit.solvers._tracing import _simplify, _to_python
+
+    def step(t, h, x, dw, th):                              # GBM's Euler step: x + th0 x h + th1 x dw
+        return x + th[0] * x * h + th[1] * x * dw
+    for B in (7, 1003):
+        gen = torch.Generator().manual_seed(B)
+        x, dw = torch.rand(B, 3, generator=gen, dtype=dtype) + 0.5, torch.randn(B, 3, generator=gen, dtype=dtype)
+        t, h = torch.tensor(0.3, dtype=dtype), torch.tensor(0.01, dtype=dtype)
+        gm = _simplify(torch.fx.experimental.proxy_tensor.make_fx(step)(t, h, x, dw, torch.ones(2, dtype=dtype)), (4,))
+        ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert ops.count(torch.ops.aten.addcmul.default) == 2 and torch.ops.aten.mul.Tensor not in ops, gm.code
+        bind = _to_python(gm, (4,))
+        for th in (torch.tensor([0.05, 0.2], dtype=dtype), torch.tensor([-1.5, 0.7], dtype=dtype)):
+            unfused = torch.addcmul(torch.addcmul(x, torch.mul(th[0], x), h), torch.mul(th[1], x), dw)
+            assert torch.equal(bind(th)(t, h, x, dw), unfused)
+
+
 def _swap_diffusion(t, x, th):
     """g = 0.5 (x2, x1): g_1 depends on x_2, so the noise is not diagonal in torchsde's sense."""
     return 0.5 * x.flip(-1)

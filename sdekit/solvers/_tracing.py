@@ -10,6 +10,8 @@ Tracing with make_fx records the same arithmetic as ordinary aten ops. The passe
   - swap zero tensors for real zeros and drop dead shape checks, aliases, no-op copies and expands;
   - fuse a product into the sum that consumes it (add(a, mul(b, c)) -> addcmul, add(mm, bias) -> addmm),
     since on small tensors a step's cost is the number of ops it launches;
+  - fold a loop-invariant scalar factor into the addcmul that consumes its product (addcmul(a, theta_k x, y) ->
+    addcmul(a, x, y, value=theta_k), bitwise the same), since on large tensors a step's cost is its passes over x;
   - hoist the ops that depend only on loop-invariant inputs (theta, the tangent directions), which
     `bind` runs once per solve instead of once per step.
 The traced step is checked against the eager one on a second set of inputs before it is trusted: a
@@ -85,6 +87,79 @@ def _fuse(graph: torch.fx.Graph) -> None:
             break
 
 
+def _item(t: Tensor) -> float:
+    return t.item()
+
+
+def _invariant_nodes(graph: torch.fx.Graph, invariant: Sequence[int]) -> set:
+    """The nodes `_to_python` hoists into bind: invariant inputs, constants, and unseeded ops of those only."""
+    out, k = set(), 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if k in invariant:
+                out.add(node)
+            k += 1
+        elif node.op == "get_attr":
+            out.add(node)
+        elif (node.op == "call_function" and not _seeded(node) and all(a in out for a in node.all_input_nodes)):
+            out.add(node)
+    return out
+
+
+def _seeded(node: torch.fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+
+
+def _fold_scalars(graph: torch.fx.Graph, invariant: Sequence[int]) -> None:
+    """addcmul(acc, mul(s, x), y) -> addcmul(acc, x, y, value=s) for a loop-invariant scalar s (a 0-d tensor of theta,
+    read once per solve in bind, or a float): one pass over x per product instead of two.
+
+    Exact, not just close: the kernel forms value * t1 * t2 left to right, i.e. (s x) y, the product the separate
+    mul rounded (checked bitwise in tests/test_trace_guards.py). Only for float32/float64, where the kernel computes
+    in the tensors' own dtype, and not in graphs that write tensors in place.
+    """
+    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+           and n.target.overloadpacket not in _METADATA_INPLACE for n in graph.nodes):
+        return
+    inv = _invariant_nodes(graph, invariant)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != _aten.addcmul.default or len(node.args) != 3 or node.kwargs:
+            continue
+        acc, t1, t2 = node.args
+        for prod, other in ((t1, t2), (t2, t1)):
+            if not (isinstance(prod, torch.fx.Node) and prod.op == "call_function" and prod.target == _aten.mul.Tensor
+                    and not prod.kwargs and len(prod.users) == 1 and prod is not other and prod not in inv):
+                continue
+            pv = _val(prod)
+            if not (isinstance(pv, Tensor) and pv.dtype in (torch.float32, torch.float64)
+                    and _same_meta(pv, _val(acc), _val(other), _val(node))):
+                continue
+            folded = None
+            for s, v in (prod.args, prod.args[::-1]):
+                if not (isinstance(v, torch.fx.Node) and isinstance(_val(v), Tensor) and _val(v).shape == pv.shape
+                        and _same_meta(_val(v), pv)):
+                    continue
+                if isinstance(s, float):
+                    folded = (v, s)
+                elif (isinstance(s, torch.fx.Node) and s in inv and isinstance(_val(s), Tensor) and _val(s).ndim == 0
+                      and _same_meta(_val(s), pv)):
+                    with graph.inserting_before(node):
+                        scalar = graph.call_function(_item, (s,))
+                    inv.add(scalar)
+                    folded = (v, scalar)
+                if folded:
+                    break
+            if not folded:
+                continue
+            with graph.inserting_before(node):
+                new = graph.call_function(_aten.addcmul.default, (acc, folded[0], other), {"value": folded[1]})
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            graph.erase_node(prod)
+            break
+
+
 # In-place ops that change only a tensor's shape metadata (matmul's decomposition of a 1-D operand emits squeeze_).
 _METADATA_INPLACE = {_aten.squeeze_, _aten.unsqueeze_, _aten.t_, _aten.transpose_}
 
@@ -130,7 +205,7 @@ def _hashable(a):
     return (type(a).__name__, a)              # type kept: 1 and 1.0 and True are different arguments
 
 
-def _simplify(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def _simplify(gm: torch.fx.GraphModule, invariant: Sequence[int] = ()) -> torch.fx.GraphModule:
     graph = gm.graph
     _cse(graph)
     for node in list(graph.nodes):
@@ -149,6 +224,8 @@ def _simplify(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 node.replace_all_uses_with(node.args[0])
     graph.eliminate_dead_code()
     _fuse(graph)
+    graph.eliminate_dead_code()
+    _fold_scalars(graph, invariant)
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -193,8 +270,7 @@ def _to_python(gm: torch.fx.GraphModule, invariant: Sequence[int]) -> Callable:
             key = _const(fn)
             args = [render(a) for a in node.args] + [f"{k_}={render(v)}" for k_, v in node.kwargs.items()]
             names[node] = f"v{i}"
-            seeded = isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
-            inv = not seeded and all(a in hoisted for a in node.all_input_nodes)
+            inv = not _seeded(node) and all(a in hoisted for a in node.all_input_nodes)
             (bind_lines if inv else step_lines).append(f"{'    ' if inv else '        '}v{i} = {key}({', '.join(args)})")
             if inv:
                 hoisted.add(node)
@@ -244,7 +320,7 @@ def trace_step(fn: Callable, example: Sequence[Tensor], check: Sequence[Tensor],
     split = lambda args: ([a for i, a in enumerate(args) if i in invariant], [a for i, a in enumerate(args) if i not in invariant])
     try:
         with torch.no_grad():
-            bind = _to_python(_simplify(torch.fx.experimental.proxy_tensor.make_fx(fn)(*example)), invariant)
+            bind = _to_python(_simplify(torch.fx.experimental.proxy_tensor.make_fx(fn)(*example), invariant), invariant)
             inv, rest = split(check)
             if _allclose(bind(*inv)(*rest), fn(*check)):
                 return bind
