@@ -268,3 +268,96 @@ def test_memory_of_end_solves_does_not_grow_with_steps():
             peaks[name, n] = min(peak_memory_mib(fn) for _ in range(2))
     growth = {k: peaks[k, 40_000] - peaks[k, 200] for k in ("given", "drawn", "forward")}
     assert max(growth.values()) < 12.0, (growth, peaks)
+
+
+def _noise_fields(noise, d=4, m=3):
+    """Fields for noise types other than diagonal (float64), with a g that reads x where the type allows it."""
+    C = torch.randn(d, m, generator=torch.Generator().manual_seed(5), dtype=torch.float64) / math.sqrt(m)
+    f = lambda t, x, th: th[0] * torch.tanh(x) * torch.cos(t)
+    if noise == "scalar":
+        g = lambda t, x, th: (th[1] * torch.sin(x) + 0.3).unsqueeze(-1)
+    elif noise == "additive":
+        g = lambda t, x, th: (th[1] * C * torch.cos(t)).expand(x.shape[0], d, m)
+    else:
+        g = lambda t, x, th: (th[1] * torch.sin(x) + 0.3).unsqueeze(-1) * C
+    return f, g, (1 if noise == "scalar" else m)
+
+
+@pytest.mark.parametrize("noise", ["scalar", "additive", "general"])
+@pytest.mark.parametrize("scheme", ["euler", "milstein", "srk", "heun", "reversible_heun"])
+@pytest.mark.parametrize("save", ["end", "path"])
+def test_batch_innermost_loop_equals_the_eager_solve(noise, scheme, save):
+    """With noise other than diagonal the traced loop keeps states and increments batch-innermost; it returns what
+    the eager loop returns (to round-off; stored batch-first, contiguous), for increments given and drawn."""
+    from sdekit.solvers import SCHEMES
+    if noise not in SCHEMES[scheme].orders:
+        pytest.skip(f"{scheme} does not take {noise} noise")
+    f, g, m = _noise_fields(noise)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(300, 4, generator=gen, dtype=torch.float64)
+    theta = torch.tensor([0.7, 0.4], dtype=torch.float64)
+    ts = torch.linspace(0.0, 1.0, 31, dtype=torch.float64)
+    dW = torch.randn(30, 300, m, generator=gen, dtype=torch.float64) * 0.2
+    extra = dict(levy_area=0.1 * torch.randn(30, 300, m, generator=gen, dtype=torch.float64)) if scheme == "srk" else {}
+    kw = dict(scheme=scheme, noise=noise, save=save)
+    traced = simulate(f, g, x0, theta, ts, dW, **kw, **extra)
+    eager = simulate(f, g, x0, theta, ts, dW, trace=False, **kw, **extra)
+    assert traced.is_contiguous()
+    torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-12)
+    drawn = simulate(f, g, x0, theta, ts, generator=torch.Generator().manual_seed(2), **kw)
+    drawn_eager = simulate(f, g, x0, theta, ts, generator=torch.Generator().manual_seed(2), trace=False, **kw)
+    torch.testing.assert_close(drawn, drawn_eager, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_innermost_loop_steps_aside_for_fields_that_need_batch_first_storage(recwarn):
+    """A g that reshapes x with .view cannot take a batch-innermost x: the loop keeps the usual layout, no warning."""
+    from sdekit.solvers import simulation
+    from sdekit.solvers._tracing import field_state
+    C = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    f = lambda t, x, th: -th[0] * x
+    g = lambda t, x, th: th[1] * x.view(-1).view(x.shape[0], 4, 1) * C        # flattening needs batch-first storage
+    x0 = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    theta = torch.tensor([0.7, 0.4], dtype=torch.float64)
+    ts = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    dW = 0.3 * torch.randn(10, 50, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    traced = simulate(f, g, x0, theta, ts, dW, noise="general")
+    torch.testing.assert_close(traced, simulate(f, g, x0, theta, ts, dW, noise="general", trace=False), rtol=1e-12, atol=0)
+    assert not [w for w in recwarn if "could not be traced" in str(w.message)]
+    assert [ok for key, ok in simulation._INNER.items() if key[2] == field_state(f, g, None)[0]] == [False]
+
+
+def test_batch_inner_layout_keeps_values_and_shape():
+    from sdekit.solvers.simulation import _batch_inner
+    v = torch.randn(5, 7, 3)
+    w = _batch_inner(v, 1)
+    assert torch.equal(w, v) and w.stride(1) == 1
+    col = torch.randn(9, 1)
+    assert _batch_inner(col) is col                   # one value per path: already batch-innermost
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 12])
+def test_g_prod_sums_columns_like_a_matmul(m):
+    """g . v for (B, d, m) g: column sums for m <= 8 and a batched matmul beyond, with and without acc."""
+    from sdekit.solvers import g_prod
+    gen = torch.Generator().manual_seed(m)
+    G, v, acc = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((6, 4, m), (6, m), (6, 4)))
+    want = (G @ v.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(g_prod(G, v, "general"), want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(g_prod(G, v, "general", acc=acc), acc + want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(g_prod(G[..., :1], v[..., :1], "scalar", acc=acc), acc + G[..., 0] * v[..., :1], rtol=0, atol=0)
+
+
+def test_fusion_skips_products_broadcast_along_a_short_inner_axis():
+    """add(acc, mul(a, b)) becomes addcmul unless b is broadcast along a short innermost axis of a large tensor
+    (there the fused three-operand loop is slower than the two it replaces); either way the step is exact."""
+    def step(acc, a, b):
+        return acc + a * b
+    big, small = torch.randn(10_000, 4, dtype=torch.float64), torch.randn(100, 4, dtype=torch.float64)
+    for acc, b, fused in ((big, torch.randn(10_000, 1, dtype=torch.float64), False),
+                          (big, torch.randn(10_000, 4, dtype=torch.float64), True),
+                          (big.t().contiguous().t(), torch.randn(1, 10_000, dtype=torch.float64).t(), True),  # batch-innermost
+                          (small, torch.randn(100, 1, dtype=torch.float64), True)):
+        gm = _traced_graph(step, acc, acc * 2, b)
+        has = any(n.target == torch.ops.aten.addcmul.default for n in gm.graph.nodes)
+        assert has == fused, (acc.shape, acc.stride(), b.shape, gm.code)
+        torch.testing.assert_close(gm(acc, acc * 2, b), acc + 2 * acc * b, rtol=1e-15, atol=1e-15)
