@@ -23,7 +23,7 @@ from .rng import derive_seed
 from .samplers import sample
 
 __all__ = ["draw_samples", "gather_batches", "evaluate_toy", "eval_cache_dir", "evaluate_images", "image_splits", "held_out_bpd",
-           "sample_labels", "conditioning_labels"]
+           "sample_labels", "conditioning_labels", "compare_samplers_on_run", "RUN_CANDIDATES"]
 
 
 def conditioning_labels(labels: Tensor | None, guidance: float | None) -> Tensor | None:
@@ -179,3 +179,60 @@ def held_out_bpd(denoiser, cfg: Config, n: int) -> dict:
     start = time.perf_counter()
     res = held_out_bits_per_dim(denoiser, denoiser.sde, x, test.n_levels, generator=torch.Generator().manual_seed(cfg.sample.seed))
     return {**res, "bits_per_dim_seconds": time.perf_counter() - start}
+
+
+# samplers compared on a trained model: a lean set (the multistep leaders and the first-order baselines)
+RUN_CANDIDATES = [("ode_euler", "ode_euler", {}), ("ddim", "ddim", {}), ("dpmpp_2m", "dpmpp_2m", {}),
+                  ("dpmpp_3m", "dpmpp_3m", {}), ("unipc bh2", "unipc", {}), ("unipc bh2 p=2", "unipc", {"order": 2}),
+                  ("deis", "deis", {}), ("deis log_rho", "deis", {"basis": "log_rho"})]
+
+
+def compare_samplers_on_run(denoiser, cfg: Config, checkpoint: str | Path, data_shape: tuple[int, ...],
+                            budgets=(5, 10), n: int | None = None,
+                            reference: tuple[str, int] = ("heun", 30), peers: bool = True, optimize: bool = True,
+                            calibration_batch: int = 64, iterations: int = 30, progress: bool = False) -> dict:
+    """sdekit's samplers (RUN_CANDIDATES on its fixed grids, and optimised grids), diffusers' and k-diffusion's on a
+    trained digits model, all from the same x_T and class labels, scored by the classifier Frechet distance to the
+    held-out split (lower is better); also the FD of `reference` (sampler, steps), the many-NFE baseline.
+
+    n: samples per run (default: the held-out split's size, the most the FD uses); the conditional model is sampled
+    at cfg.sample.guidance. Returns compare_samplers' dict plus 'reference' and 'config'."""
+    from .classifier import digits_classifier
+    from .image_metrics import features, frechet_distance
+    from .images import load_images
+    from .samplers.frontier import compare_samplers
+
+    if cfg.data.name != "digits":
+        raise ConfigError(f"comparing samplers by FD needs the digits data (the classifier's), got {cfg.data.name!r}")
+    sde = denoiser.sde
+    clf, _ = digits_classifier(eval_cache_dir(checkpoint), split_seed=cfg.data.seed, test_fraction=cfg.data.test_fraction)
+    _, test = load_images("digits", test_fraction=cfg.data.test_fraction, seed=cfg.data.seed)
+    n = n or len(test)
+    f_test = features(clf, test.x)
+    metric = lambda x: frechet_distance(features(clf, x), f_test)
+    guidance = 1.0 if cfg.sample.guidance is None else cfg.sample.guidance
+
+    def score_for(count: int, seed: int):
+        labels = sample_labels(denoiser, count)
+        if labels is not None:   # a shuffled class order, so that a calibration batch sees every class
+            labels = labels[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
+        return denoiser if labels is None else guided_score(denoiser, labels, guidance)
+
+    denoiser.requires_grad_(False)      # grids are optimised through the network, its weights stay fixed
+    x_T = sde.prior_sample((n, *data_shape), generator=torch.Generator().manual_seed(derive_seed(cfg.sample.seed, "sample_batch", 0)))
+    score = score_for(n, cfg.sample.seed)
+    with torch.no_grad():
+        ref_x, ref_info = sample(score, sde, tuple(x_T.shape), reference[0], steps=reference[1], x_T=x_T, return_info=True)
+    ref = dict(sampler=reference[0], steps=reference[1], nfe=ref_info["nfe"], fd=metric(ref_x))
+    if progress:
+        print(f"reference {reference[0]} {reference[1]} steps (NFE {ref['nfe']}): FD {ref['fd']:.2f}", flush=True)
+    calibration = (score_for(calibration_batch, cfg.sample.seed + 1), calibration_batch, iterations, cfg.sample.seed + 1,
+                   1e-5 if x_T.dtype == torch.float32 else 1e-7)
+    with torch.no_grad():
+        result = compare_samplers(score, sde, x_T, metric, budgets, peers=peers, candidates=RUN_CANDIDATES,
+                                  calibration=calibration if optimize else None, progress=progress)
+    result["reference"] = ref
+    result["config"] = dict(checkpoint=str(checkpoint), budgets=list(budgets), n=n, guidance=guidance,
+                            metric="classifier Frechet distance to the held-out split",
+                            calibration=dict(batch=calibration_batch, iterations=iterations) if optimize else None)
+    return result

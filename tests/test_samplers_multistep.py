@@ -44,6 +44,8 @@ ORDERS = [
     ("dpmpp_3m", "dpmpp_3m", {}, 3, [32, 64, 128, 256, 512]),
     ("deis", "deis", {}, 3, [64, 128, 256, 512]),
     ("deis order 2", "deis", {"order": 2}, 2, [64, 128, 256, 512]),
+    ("deis rho basis", "deis", {"basis": "rho"}, 3, [64, 128, 256, 512]),
+    ("deis log_rho basis", "deis", {"basis": "log_rho"}, 3, [64, 128, 256, 512]),
     ("unipc bh2 p=3", "unipc", {"variant": "bh2", "order": 3}, 4, [24, 48, 96, 192]),
     ("unipc bh1 p=3", "unipc", {"variant": "bh1", "order": 3}, 4, [24, 48, 96, 192]),
     ("unipc bh2 p=2", "unipc", {"variant": "bh2", "order": 2}, 3, [64, 128, 256, 512]),
@@ -105,7 +107,8 @@ def test_the_reference_codes_3m_is_second_order(oracle):
 
 # --- finite everywhere ------------------------------------------------------------------------------------
 SWEEP = [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"variant": "bh2"}), ("unipc", {"variant": "bh1"}),
-         ("unipc", {"order": 2}), ("deis", {}), ("edm", {}), ("ddim", {})]
+         ("unipc", {"order": 2}), ("deis", {}), ("deis", {"basis": "log_rho"}), ("deis", {"basis": "rho"}),
+         ("edm", {}), ("ddim", {})]
 
 
 @pytest.mark.parametrize("sampler,options", SWEEP, ids=[f"{s}-{'-'.join(map(str, o.values())) or 'default'}" for s, o in SWEEP])
@@ -195,6 +198,8 @@ def test_bad_options_and_zero_grids_are_refused():
         sample(score, sde, (4, 2), "unipc", variant="bh3")
     with pytest.raises(ValueError, match="order must be one of"):
         sample(score, sde, (4, 2), "deis", order=0)
+    with pytest.raises(ValueError, match=r"basis must be one of \['t', 'rho', 'log_rho'\], got 'lambda'"):
+        sample(score, sde, (4, 2), "deis", basis="lambda")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['variant'\]"):
         sample(score, sde, (4, 2), "dpmpp_3m", variant="bh1")
     with pytest.raises(ValueError, match="'heun' evaluates the score at the grid's last point"):

@@ -1,5 +1,7 @@
 """`python -m sdekit.commands.frontier`: the low-NFE comparison of sdekit's samplers with diffusers' and k-diffusion's
-on one exact Gaussian mixture (sdekit.samplers.frontier.run_frontier), with optimised grids.
+on one exact Gaussian mixture (sdekit.samplers.frontier.run_frontier), with optimised grids; with --run, on a
+trained digits model instead, scored by the classifier Frechet distance to the held-out split
+(sdekit.sampling.compare_samplers_on_run).
 
 Writes frontier.json (every run, the best per budget and library, the ratios, the optimised grids and their cost),
 frontier.md (the table) and frontier.png (error against NFE, each library's best per budget) into --out.
@@ -8,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from .._imports import pyplot, save_figure
+from ..data import EXACT_MIXTURES
 from ..samplers.frontier import BUDGETS, frontier_markdown, run_frontier
 
 __all__ = ["main", "plot"]
@@ -21,13 +25,20 @@ __all__ = ["main", "plot"]
 def plot(result: dict, path: Path) -> None:
     plt = pyplot("frontier.png")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    cfg = result["config"]
     budgets = result["config"]["budgets"]
     for lib in ["sdekit", "sdekit (fixed grids)", *result["peers_measured"]]:
         pts = [(b, result["best"][str(b)][lib]["error"]) for b in budgets if result["best"][str(b)].get(lib)]
         ax.semilogy([p[0] for p in pts], [p[1] for p in pts], "o-", label=lib)
     ax.set_xlabel("NFE")
-    ax.set_ylabel("median distance to the rk45 solution (best sampler and grid)")
-    ax.set_title("Exact mixture, VP SDE, 1024 x_T")
+    if "reference" in result:
+        ref = result["reference"]
+        ax.axhline(ref["fd"], color="k", ls="--", lw=1, label=f"{ref['sampler']}, NFE {ref['nfe']}")
+        ax.set_ylabel("classifier FD to the held-out split (best sampler and grid)")
+        ax.set_title(f"{cfg['checkpoint']}, {cfg['n']} samples")
+    else:
+        ax.set_ylabel("median distance to the rk45 solution (best sampler and grid)")
+        ax.set_title(f"Exact mixture '{cfg['mixture']}', VP SDE, {cfg['batch']} x_T")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -40,23 +51,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nfe", default=",".join(map(str, BUDGETS)), help="comma-separated NFE budgets (default 5,10,15,20)")
     p.add_argument("--batch", type=int, default=1024, help="x_T draws (default 1024)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixture", default="default", choices=["default", *EXACT_MIXTURES],
+                   help="the exact Gaussian mixture (default: the accuracy report's three anisotropic modes)")
     p.add_argument("--no-peers", action="store_true", help="sdekit alone")
     p.add_argument("--no-optimized", action="store_true", help="no optimised grids")
-    p.add_argument("--iterations", type=int, default=60, help="Adam iterations per optimised grid")
+    p.add_argument("--iterations", type=int, help="Adam iterations per optimised grid (default 60; with --run 30)")
+    p.add_argument("--run", help="a trained digits run (or checkpoint): compare on it by FD, budgets default 5,10")
+    p.add_argument("--samples", type=int, help="with --run: samples per sampler (default: the held-out split's size)")
     args = p.parse_args(argv)
-    try:
-        budgets = tuple(int(v) for v in args.nfe.split(","))
-    except ValueError:
-        p.error(f"--nfe must be comma-separated integers, got {args.nfe!r}")
+    if args.run:
+        return _on_run(p, args)
+    budgets = _budgets(p, args.nfe)
     torch.set_num_threads(1)
-    result = run_frontier(budgets, batch=args.batch, seed=args.seed, peers=not args.no_peers,
-                          optimized=not args.no_optimized, iterations=args.iterations, progress=True)
-    out = Path(args.out)
+    result = run_frontier(budgets, batch=args.batch, seed=args.seed, mixture=args.mixture, peers=not args.no_peers,
+                          optimized=not args.no_optimized, iterations=args.iterations or 60, progress=True)
+    return _write(result, Path(args.out), ".1e")
+
+
+def _on_run(p: argparse.ArgumentParser, args) -> int:
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..sampling import compare_samplers_on_run
+    from ..training import load_trained
+
+    budgets = _budgets(p, args.nfe if args.nfe != ",".join(map(str, BUDGETS)) else "5,10")
+    try:
+        denoiser, cfg, ckpt = load_trained(args.run, use_ema=True)
+        data_shape = tuple(json.loads((ckpt / "state.json").read_text())["data_shape"])
+        torch.set_num_threads(1)
+        result = compare_samplers_on_run(denoiser, cfg, ckpt, data_shape, budgets, n=args.samples,
+                                         peers=not args.no_peers, optimize=not args.no_optimized,
+                                         iterations=args.iterations or 30, progress=True)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out if args.out != "runs/frontier" else Path(args.run) / "frontier")
+    return _write(result, out, ".1f")
+
+
+def _budgets(p: argparse.ArgumentParser, spec: str) -> tuple[int, ...]:
+    try:
+        budgets = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        p.error(f"--nfe must be comma-separated integers, got {spec!r}")
+    if any(b < 1 for b in budgets):
+        p.error(f"--nfe budgets must be >= 1, got {spec!r}")
+    return budgets
+
+
+def _write(result: dict, out: Path, fmt: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(result, indent=1))
-    (out / "frontier.md").write_text(frontier_markdown(result))
+    (out / "frontier.md").write_text(frontier_markdown(result, fmt))
     plot(result, out / "frontier.png")
-    print(frontier_markdown(result))
+    print(frontier_markdown(result, fmt))
     if result["peers_skipped"]:
         print("peers not measured:", result["peers_skipped"])
     print(f"wrote {out / 'frontier.json'}, {out / 'frontier.md'}, {out / 'frontier.png'}")

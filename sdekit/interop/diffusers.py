@@ -19,6 +19,8 @@ callable `model(x, timesteps) -> tensor` and a (T,) alphas_cumprod work without 
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Callable
 
 import torch
@@ -156,6 +158,16 @@ def vp_trained_betas(sde: SDE, n: int = 1000) -> Tensor:
     return 1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
 
 
+@contextlib.contextmanager
+def numpy2_array_warnings_muted():
+    """Mutes the two DeprecationWarnings NumPy 2 raises when diffusers' schedulers pass torch tensors to np.array
+    (torch's __array__ / __array_wrap__ predate NumPy 2's signatures): harmless, and not sdekit's to fix."""
+    with warnings.catch_warnings():
+        for message in (r"__array__ implementation doesn't accept a copy keyword", r"__array_wrap__ must accept context"):
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        yield
+
+
 def run_scheduler(scheduler: str, config: dict, score_fn: Callable, sde: SDE, x_T: Tensor, steps: int,
                   n_train: int = 1000) -> tuple[Tensor, int]:
     """Sample with diffusers' `scheduler` (a class name: DPMSolverMultistepScheduler, UniPCMultistepScheduler,
@@ -164,17 +176,16 @@ def run_scheduler(scheduler: str, config: dict, score_fn: Callable, sde: SDE, x_
     The scheduler gets trained_betas reproducing sde at its timesteps (`vp_trained_betas`) and, where it has one,
     final_sigmas_type="sigma_min", so it ends at t_min. Its model is eps = -sigma_t score_fn(x, t) evaluated at the
     noise level its update assumes (scheduler.sigmas[i] where it keeps sigmas, else the timestep's t), so rounding
-    Karras or Lu timesteps to integers does not count against it. Returns (x at t_min, NFE). Its warnings are muted.
+    Karras or Lu timesteps to integers does not count against it. Returns (x at t_min, NFE). Its schedulers'
+    NumPy 2 deprecation warnings about torch tensors are muted (numpy2_array_warnings_muted); any other warning shows.
     """
     import inspect
-    import warnings
 
     diffusers = _require_diffusers()
     cls = getattr(diffusers, scheduler)
     betas = vp_trained_betas(sde, n_train).numpy()
     t_of = lambda k: sde.t_min + float(k) * (sde.t_max - sde.t_min) / (n_train - 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with numpy2_array_warnings_muted():
         extra = {"final_sigmas_type": "sigma_min"} if "final_sigmas_type" in inspect.signature(cls.__init__).parameters else {}
         sched = cls(num_train_timesteps=n_train, trained_betas=betas, prediction_type="epsilon", **extra, **config)
         sched.set_timesteps(steps)

@@ -16,7 +16,6 @@ import importlib
 import importlib.util
 import sys
 import types
-import warnings
 from typing import Callable
 
 import torch
@@ -90,17 +89,15 @@ def sigmas(grid: str, sde: SDE, steps: int) -> Tensor:
 def run_sampler(name: str, score_fn: Callable, sde: SDE, x_T: Tensor, sigma_grid: Tensor | None = None,
                 steps: int | None = None, **options) -> tuple[Tensor, int]:
     """k-diffusion's sample_<name> from x_T at t_max to t_min: (x at t_min, NFE). dpm_fast takes `steps`, the others
-    `sigma_grid`. Its warnings are muted."""
+    `sigma_grid`."""
     K = load_sampling()
     ends = torch.tensor([sde.t_max, sde.t_min], dtype=torch.float64)
     a_max, a_min = (float(v) for v in sde.marginal(ends)[0])
     counter = [0]
     model = denoiser(score_fn, sde, counter)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if name == "dpm_fast":
-            s_max, s_min = (float(v) for v in sde.sigma_ratio(ends))
-            y = K.sample_dpm_fast(model, x_T / a_max, s_min, s_max, steps, disable=True, **options)
-        else:
-            y = getattr(K, "sample_" + name)(model, x_T / a_max, sigma_grid, disable=True, **options)
+    if name == "dpm_fast":
+        s_max, s_min = (float(v) for v in sde.sigma_ratio(ends))
+        y = K.sample_dpm_fast(model, x_T / a_max, s_min, s_max, steps, disable=True, **options)
+    else:
+        y = getattr(K, "sample_" + name)(model, x_T / a_max, sigma_grid.to(x_T.dtype), disable=True, **options)
     return a_min * y, counter[0]

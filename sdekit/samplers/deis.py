@@ -1,12 +1,14 @@
-"""DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator"), tAB-DEIS: the
-probability-flow ODE as an exponential integrator in eps with Adams-Bashforth extrapolation in t.
+"""DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator"): the
+probability-flow ODE as an exponential integrator in eps with Adams-Bashforth extrapolation in t (tAB-DEIS, the
+default), in rho (rhoAB-DEIS) or in log rho (the variant diffusers' DEISMultistepScheduler implements).
 
 With y = x / alpha and rho = sigma / alpha the ODE is dy / drho = eps(x, t), eps = -sigma score (eq. 10-11 for
 VP; the same for every SDE here). A step t_i -> t_{i+1} fits the Lagrange polynomial through the last r + 1
 evaluations eps_{i-j} at times t_{i-j} (j = 0..r) and integrates it exactly along rho (eq. 14):
     y_{i+1} = y_i + sum_j C_ij eps_{i-j},   C_ij = int_{rho_i}^{rho_{i+1}} prod_{k != j} (t(rho) - t_{i-k}) / (t_{i-j} - t_{i-k}) drho,
 where t(rho) inverts the schedule. The paper computes C_ij numerically, once per grid; here by 16-point
-Gauss-Legendre quadrature in log rho (t(rho) is smooth in log rho on [rho_min, rho_max]), in float64. r = 0 is
+Gauss-Legendre quadrature in log rho (t(rho) is smooth in log rho on [rho_min, rho_max]), in float64. With
+basis="rho" or "log_rho" the Lagrange polynomial is in that variable instead of t (same quadrature). r = 0 is
 DDIM. Order r + 1 (default 3). One NFE per step.
 
 Warm-up: step i uses at most i + 1 points; with lower_order_final, grids of fewer than 15 steps end with a
@@ -23,17 +25,23 @@ from torch import Tensor
 from ..sde import SDE
 from .schedule import check_order, exp_schedule, multistep_orders
 
-__all__ = ["deis", "tab_coefficients"]
+__all__ = ["deis", "tab_coefficients", "BASES"]
 
 _NODES, _WEIGHTS = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(16))
+BASES = ("t", "rho", "log_rho")                                      # the variable eps is extrapolated in
 
 
-def tab_coefficients(sde: SDE, t_nodes: Tensor, rho_from: Tensor, rho_to: Tensor) -> Tensor:
-    """C_j = int_{rho_from}^{rho_to} l_j(t(rho)) drho for the Lagrange basis l_j over t_nodes: (m,) (float64; rho > 0)."""
+def tab_coefficients(sde: SDE, t_nodes: Tensor, rho_from: Tensor, rho_to: Tensor, basis: str = "t") -> Tensor:
+    """C_j = int_{rho_from}^{rho_to} l_j(v(rho)) drho for the Lagrange basis l_j over the nodes v(t_nodes), v = t, rho
+    or log rho (`basis`): (m,) (float64; rho > 0)."""
     u0, u1 = torch.log(rho_from), torch.log(rho_to)
     u = 0.5 * (u1 - u0) * _NODES + 0.5 * (u1 + u0)                  # Gauss-Legendre nodes in log rho
     rho = torch.exp(u)
-    t = sde.t_from_sigma_ratio(rho)
+    if basis == "t":
+        t = sde.t_from_sigma_ratio(rho)
+    else:
+        t_nodes = sde.sigma_ratio(t_nodes)
+        t, t_nodes = (rho, t_nodes) if basis == "rho" else (u, torch.log(t_nodes))
     m = len(t_nodes)
     basis = []
     for j in range(m):
@@ -46,10 +54,13 @@ def tab_coefficients(sde: SDE, t_nodes: Tensor, rho_from: Tensor, rho_to: Tensor
 
 
 def deis(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, callback: Callable | None = None, order: int = 3,
-         lower_order_final: bool = True) -> Tensor:
-    """tAB-DEIS of the given order (1..4) from ts[0] to ts[-1]. x: (B, *S); ts: (N+1,) decreasing (may end at t = 0,
-    sigma = 0). One NFE per step; coefficients in float64 whatever x's dtype."""
+         lower_order_final: bool = True, basis: str = "t") -> Tensor:
+    """DEIS of the given order (1..4) from ts[0] to ts[-1], eps extrapolated in `basis` ('t': tAB-DEIS, 'rho',
+    'log_rho'). x: (B, *S); ts: (N+1,) decreasing (may end at t = 0, sigma = 0). One NFE per step; coefficients in
+    float64 whatever x's dtype."""
     check_order(order, (1, 2, 3, 4), "deis")
+    if basis not in BASES:
+        raise ValueError(f"deis: basis must be one of {list(BASES)}, got {basis!r}")
     alphas, sigmas, _ = exp_schedule(sde, ts)
     t64 = ts.to(device="cpu", dtype=torch.float64)
     rhos = sigmas / alphas
@@ -65,7 +76,7 @@ def deis(score_fn: Callable, sde: SDE, x: Tensor, ts: Tensor, *, callback: Calla
         if p == 1:
             y = y + (rhos[i + 1] - rhos[i]) * eps[-1]
         else:
-            coef = tab_coefficients(sde, t64[i + 1 - p:i + 1], rhos[i], rhos[i + 1])   # nodes oldest first
+            coef = tab_coefficients(sde, t64[i + 1 - p:i + 1], rhos[i], rhos[i + 1], basis)   # nodes oldest first
             y = y + sum(coef[j] * eps[len(eps) - p + j] for j in range(p))
         if callback is not None:
             callback(i, ts[i + 1], alphas[i + 1] * y)

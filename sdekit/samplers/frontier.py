@@ -29,10 +29,10 @@ from torch import Tensor
 
 from ..data import EXACT_MIXTURES
 from ..sde import SDE, VPSDE
-from . import SAMPLERS, sample
-from .optimize import optimize_grid
+from . import SAMPLERS, CountingScore, sample
+from .optimize import calibration_set_for, optimize_grid
 
-__all__ = ["run_frontier", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
+__all__ = ["run_frontier", "compare_samplers", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
            "SDEKIT_CANDIDATES", "BUDGETS", "frontier_markdown"]
 
 BUDGETS = (5, 10, 15, 20)
@@ -42,10 +42,12 @@ SDEKIT_CANDIDATES = [
     ("ode_euler", "ode_euler", {}), ("heun", "heun", {}), ("rk4", "rk4", {}), ("ddim", "ddim", {}),
     ("dpmpp_2m", "dpmpp_2m", {}), ("dpmpp_3m", "dpmpp_3m", {}), ("unipc bh2", "unipc", {}),
     ("unipc bh1", "unipc", {"variant": "bh1"}), ("unipc bh2 p=2", "unipc", {"order": 2}), ("deis", "deis", {}),
+    ("deis log_rho", "deis", {"basis": "log_rho"}),
     ("edm (S_churn=0)", "edm", {}),
 ]
 # samplers whose grids are optimised (the budgets' leaders among the multistep samplers)
-OPTIMIZED = [("unipc bh2", "unipc", {}), ("dpmpp_3m", "dpmpp_3m", {}), ("dpmpp_2m", "dpmpp_2m", {})]
+OPTIMIZED = [("unipc bh2", "unipc", {}), ("dpmpp_3m", "dpmpp_3m", {}), ("dpmpp_2m", "dpmpp_2m", {}),
+             ("deis log_rho", "deis", {"basis": "log_rho"})]
 
 
 def _median_distance(x: Tensor, ref: Tensor) -> float:
@@ -56,10 +58,19 @@ def _nfe_per_step(name: str, options: dict) -> int:
     return {"heun": 2, "rk4": 4, "edm": 2}.get(name, 1)
 
 
-def sdekit_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUDGETS) -> list[dict]:
-    rows = []
-    for label, name, options in SDEKIT_CANDIDATES:
-        for grid in SDEKIT_GRIDS:
+Metric = Callable[[Tensor], float]     # samples (B, *S) -> error (lower is better)
+
+
+def _finite_or_nan(metric: Metric) -> Metric:
+    return lambda x: metric(x) if bool(torch.isfinite(x).all()) else float("nan")
+
+
+def sdekit_rows(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=BUDGETS,
+                candidates=None, grids=SDEKIT_GRIDS) -> list[dict]:
+    """Every candidate (label, sampler, options) on every fixed grid at every budget, scored by metric."""
+    rows, metric = [], _finite_or_nan(metric)
+    for label, name, options in candidates or SDEKIT_CANDIDATES:
+        for grid in grids:
             for budget in budgets:
                 steps = budget // _nfe_per_step(name, options)
                 if steps < 1:
@@ -67,7 +78,7 @@ def sdekit_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUD
                 x, info = sample(score, sde, tuple(x_T.shape), name, steps=steps, grid=grid, x_T=x_T, return_info=True,
                                  **options)
                 rows.append(dict(library="sdekit", sampler=label, grid=grid, budget=budget, steps=steps, nfe=info["nfe"],
-                                 error=_median_distance(x, ref)))
+                                 error=metric(x)))
     return rows
 
 
@@ -90,14 +101,14 @@ DIFFUSERS_CONFIGS = [
 ]
 
 
-def diffusers_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUDGETS) -> list[dict]:
+def diffusers_rows(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=BUDGETS) -> list[dict]:
     from ..interop.diffusers import run_scheduler
-    rows = []
+    rows, metric = [], _finite_or_nan(metric)
     for label, cls_name, config, grid in DIFFUSERS_CONFIGS:
         for budget in budgets:
             x, nfe = run_scheduler(cls_name, config, score, sde, x_T, budget)
             rows.append(dict(library="diffusers", sampler=label, grid=grid, budget=budget, steps=budget, nfe=nfe,
-                             error=_median_distance(x, ref) if torch.isfinite(x).all() else float("nan")))
+                             error=metric(x)))
     return rows
 
 
@@ -109,12 +120,12 @@ KDIFFUSION_SAMPLERS = [  # (label, sampler name, NFE per step, options)
 ]
 
 
-def kdiffusion_rows(score: Callable, sde: SDE, x_T: Tensor, ref: Tensor, budgets=BUDGETS) -> list[dict]:
+def kdiffusion_rows(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=BUDGETS) -> list[dict]:
     from ..interop.kdiffusion import run_sampler, sigmas
     grids = ["karras", "exponential"]
     if isinstance(sde, VPSDE) and sde.schedule == "linear" and sde.t_max == 1.0:
         grids.append("vp")
-    err = lambda x: _median_distance(x, ref) if torch.isfinite(x).all() else float("nan")
+    err = _finite_or_nan(metric)
     rows = []
     for budget in budgets:
         for label, name, per_step, options in KDIFFUSION_SAMPLERS:
@@ -141,9 +152,9 @@ def _best(rows: list[dict], library: str, budget: int) -> dict | None:
 def run_frontier(budgets=BUDGETS, batch: int = 1024, seed: int = 0, mixture: str = "default", peers: bool = True,
                  optimized: bool = True, calibration_batch: int = 256, iterations: int = 60,
                  progress: bool = False) -> dict:
-    """Every library's samplers at each NFE budget; returns the JSON-ready dict with rows, best rows per budget and
-    library, the ratios sdekit-best / peer-best, the optimised grids' cost, and which peers were measured (a peer
-    that is not installed is listed under 'skipped' with the reason)."""
+    """Every library's samplers at each NFE budget on an exact mixture; returns the JSON-ready dict with rows, best
+    rows per budget and library, the ratios sdekit-best / peer-best, the optimised grids' cost, and which peers were
+    measured (a peer that is not installed is listed under 'skipped' with the reason)."""
     from .report import default_mixture
 
     sde = VPSDE()
@@ -151,34 +162,61 @@ def run_frontier(budgets=BUDGETS, batch: int = 1024, seed: int = 0, mixture: str
     score = gmm.score_fn(sde)
     x_T = sde.prior_sample((batch, gmm.dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = sample(score, sde, (batch, gmm.dim), "rk45", x_T=x_T, rtol=1e-11, atol=1e-11)
+    result = compare_samplers(score, sde, x_T, lambda x: _median_distance(x, ref), budgets, peers=peers,
+                              calibration=(score, calibration_batch, iterations, seed + 1, 1e-7) if optimized else None,
+                              progress=progress)
+    result["config"] = dict(sde=sde.config(), mixture=mixture, batch=batch, seed=seed, budgets=list(budgets),
+                            reference="rk45 float64 rtol=atol=1e-11 from the same x_T",
+                            metric="median over x_T of the distance to the reference",
+                            calibration=dict(batch=calibration_batch, seed=seed + 1, iterations=iterations))
+    return result
+
+
+def compare_samplers(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=BUDGETS, *, peers: bool = True,
+                     candidates=None, grids=SDEKIT_GRIDS, calibration: tuple | None = None,
+                     progress: bool = False) -> dict:
+    """sdekit's candidates on its fixed grids (and optimised ones), diffusers' and k-diffusion's samplers on theirs,
+    all from the same x_T (B, *S) and scored by metric; the best per budget and library and the ratios.
+
+    calibration: (score for the calibration batch, its size, Adam iterations, seed, rk45 tolerance of its reference)
+    to optimise the grids of OPTIMIZED (a calibration batch differs from x_T), or None for fixed grids only."""
     say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
     t0 = time.perf_counter()
-    rows = sdekit_rows(score, sde, x_T, ref, budgets)
+    rows = sdekit_rows(score, sde, x_T, metric, budgets, candidates, grids)
     say(f"sdekit: {len(rows)} runs in {time.perf_counter() - t0:.1f}s")
-    grids = []
-    if optimized:
+    optimized, reference_cost = [], None
+    if calibration is not None:
+        calib_score, calib_batch, iterations, calib_seed, tol = calibration
+        t0 = time.perf_counter()
+        counted = CountingScore(calib_score)
+        calib = calibration_set_for(counted, sde, (calib_batch, *x_T.shape[1:]), tol, x_T.dtype, x_T.device,
+                                    calib_seed)            # one reference for every optimisation
+        reference_cost = dict(seconds=time.perf_counter() - t0, nfe=counted.nfe, rtol=tol, batch=calib_batch)
+        say(f"calibration reference: {reference_cost['seconds']:.1f}s, {counted.nfe} NFE")
         for label, name, options in OPTIMIZED:
             for budget in budgets:
-                # calibration draws of x_T differ from the test draws (seed + 1)
-                r = optimize_grid(score, sde, (calibration_batch, gmm.dim), name, budget, options=options,
-                                  iterations=iterations, dtype=torch.float64, seed=seed + 1)
-                x, info = sample(score, sde, (batch, gmm.dim), name, ts=r.grid(torch.float64), x_T=x_T, return_info=True,
-                                 **options)
+                r = optimize_grid(calib_score, sde, (calib_batch, *x_T.shape[1:]), name, budget, options=options,
+                                  iterations=iterations, dtype=x_T.dtype, device=x_T.device, calibration_set=calib)
+                with torch.no_grad():
+                    x, info = sample(score, sde, tuple(x_T.shape), name, ts=r.grid(x_T.dtype, x_T.device), x_T=x_T,
+                                     return_info=True, **options)
                 rows.append(dict(library="sdekit", sampler=label, grid="optimized", budget=budget, steps=budget,
-                                 nfe=info["nfe"], error=_median_distance(x, ref)))
-                grids.append(dict(sampler=label, budget=budget, seconds=r.seconds, nfe=r.nfe, iterations=r.iterations,
-                                  calibration_loss_init=r.loss_init, calibration_loss=r.loss, init_grid=r.init_grid,
-                                  test_error_init=next(q["error"] for q in rows if q["library"] == "sdekit" and
-                                                       q["sampler"] == label and q["grid"] == r.init_grid and q["budget"] == budget),
-                                  test_error=rows[-1]["error"], ts=r.ts))
-                say(f"optimized {label} {budget}: {grids[-1]['test_error_init']:.2e} -> {grids[-1]['test_error']:.2e} "
-                    f"({r.seconds:.1f}s)")
+                                 nfe=info["nfe"], error=_finite_or_nan(metric)(x)))
+                start = [q["error"] for q in rows if q["library"] == "sdekit" and q["sampler"] == label
+                         and q["grid"] == r.init_grid and q["budget"] == budget]
+                optimized.append(dict(sampler=label, budget=budget, seconds=r.seconds, nfe=r.nfe,
+                                      iterations=r.iterations, calibration_loss_init=r.loss_init,
+                                      calibration_loss=r.loss, init_grid=r.init_grid,
+                                      test_error_init=start[0] if start else None, test_error=rows[-1]["error"],
+                                      ts=r.ts))
+                say(f"optimized {label} {budget}: {optimized[-1]['test_error_init'] or float('nan'):.3g} -> "
+                    f"{optimized[-1]['test_error']:.3g} ({r.seconds:.1f}s)")
     measured, skipped = ["sdekit"], {}
     if peers:
         for lib, fn in (("diffusers", diffusers_rows), ("k-diffusion", kdiffusion_rows)):
             try:
                 t0 = time.perf_counter()
-                rows += fn(score, sde, x_T, ref, budgets)
+                rows += fn(score, sde, x_T, metric, budgets)
                 measured.append(lib)
                 say(f"{lib}: {time.perf_counter() - t0:.1f}s")
             except ImportError as e:
@@ -190,14 +228,10 @@ def run_frontier(budgets=BUDGETS, batch: int = 1024, seed: int = 0, mixture: str
         if peer and best[budget]["sdekit"] is not None:
             ratios[budget] = best[budget]["sdekit"]["error"] / min(b["error"] for b in peer)
         # sdekit's best on the fixed (not optimised) grids, for the recommendation without calibration
-        fixed = [r for r in rows if r["library"] == "sdekit" and r["budget"] == budget and r["grid"] != "optimized"]
-        best[budget]["sdekit (fixed grids)"] = min(fixed, key=lambda r: r["error"]) if fixed else None
-    return dict(config=dict(sde=sde.config(), mixture=mixture, batch=batch, seed=seed, budgets=list(budgets),
-                            reference="rk45 float64 rtol=atol=1e-11 from the same x_T",
-                            metric="median over x_T of the distance to the reference",
-                            calibration=dict(batch=calibration_batch, seed=seed + 1, iterations=iterations)),
-                rows=rows, best={str(k): v for k, v in best.items()}, ratios={str(k): v for k, v in ratios.items()},
-                optimized_grids=grids, peers_measured=measured[1:], peers_skipped=skipped,
+        fixed = [r for r in rows if r["library"] == "sdekit" and r["grid"] != "optimized"]
+        best[budget]["sdekit (fixed grids)"] = _best(fixed, "sdekit", budget)
+    return dict(rows=rows, best={str(k): v for k, v in best.items()}, ratios={str(k): v for k, v in ratios.items()},
+                optimized_grids=optimized, calibration_reference=reference_cost, peers_measured=measured[1:], peers_skipped=skipped,
                 versions=_versions(measured))
 
 
@@ -214,8 +248,9 @@ def _versions(libs) -> dict:
     return out
 
 
-def frontier_markdown(result: dict) -> str:
-    """The per-budget table: each library's best (sampler, grid, error) and the ratio sdekit-best / peer-best."""
+def frontier_markdown(result: dict, fmt: str = ".1e") -> str:
+    """The per-budget table: each library's best (sampler, grid, error) and the ratio sdekit-best / peer-best;
+    with a 'reference' (compare_samplers_on_run), a last row for it."""
     libs = ["sdekit", "sdekit (fixed grids)"] + result["peers_measured"]
     lines = [f"| NFE | {' | '.join(libs)} | sdekit / best peer | sdekit (fixed grids) / best peer |",
              "|---:|" + "---|" * len(libs) + "---:|---:|"]
@@ -224,9 +259,12 @@ def frontier_markdown(result: dict) -> str:
         cells = []
         for lib in libs:
             b = best.get(lib)
-            cells.append("n/a" if b is None else f"{b['error']:.1e} ({b['sampler']}, {b['grid']})")
+            cells.append("n/a" if b is None else f"{b['error']:{fmt}} ({b['sampler']}, {b['grid']})")
         peer = [best[lib]["error"] for lib in result["peers_measured"] if best.get(lib)]
         ratio = f"{best['sdekit']['error'] / min(peer):.2f}" if peer else "n/a"
         ratio_fixed = f"{best['sdekit (fixed grids)']['error'] / min(peer):.2f}" if peer else "n/a"
         lines.append(f"| {budget} | {' | '.join(cells)} | {ratio} | {ratio_fixed} |")
+    ref = result.get("reference")
+    if ref:
+        lines.append(f"| {ref['nfe']} | {ref['fd']:{fmt}} ({ref['sampler']}, reference) |" + " |" * (len(libs) + 1))
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..sde import SDE
 from .grids import make_grid
 
-__all__ = ["OptimizedGrid", "optimize_grid", "grid_from_theta", "load_grid", "save_grid", "optimized_grid"]
+__all__ = ["OptimizedGrid", "optimize_grid", "calibration_set_for", "grid_from_theta", "load_grid", "save_grid", "optimized_grid"]
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _key(sampler: str, steps: int, options: dict, sde: SDE) -> dict:
 def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str, steps: int, *,
                   options: dict | None = None, init_grid: str | None = None, iterations: int = 60, lr: float = 0.1,
                   reference_tol: float = 1e-7, dtype: torch.dtype | None = None, device=None, seed: int = 0,
-                  progress: bool = False) -> OptimizedGrid:
+                  calibration_set: tuple[Tensor, Tensor] | None = None, progress: bool = False) -> OptimizedGrid:
     """Optimise the `steps`-step grid of `sampler` for score_fn under sde on a calibration batch.
 
     shape: (B, *S), the calibration batch (B = 256 is plenty for a 2-D mixture); x_T is drawn from
@@ -81,6 +81,8 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
     options: the sampler's keywords (as for sample()); init_grid: the start (default: the sampler's default grid).
     reference_tol: rtol = atol of the rk45 reference. Cost: the reference, then `iterations` forward and backward
     passes of the sampler (about 3 x steps NFE each).
+    calibration_set: (x_T, reference) of `shape`, e.g. from `calibration_set`, to share one reference between
+    several optimisations (then seed and reference_tol are not used, and nfe counts no reference).
     """
     from . import SAMPLERS, CountingScore, _check_options, sample
     if sampler not in SAMPLERS:
@@ -95,10 +97,14 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
     t0 = time.perf_counter()
     dtype = dtype or torch.get_default_dtype()
     shape = tuple(int(s) for s in shape)
-    x_T = sde.prior_sample(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
     counted = CountingScore(score_fn)
-    with torch.no_grad():
-        ref = sample(counted, sde, shape, "rk45", x_T=x_T, rtol=reference_tol, atol=reference_tol)
+    if calibration_set is None:
+        x_T, ref = calibration_set_for(counted, sde, shape, reference_tol, dtype, device, seed)
+    else:
+        x_T, ref = calibration_set
+        if tuple(x_T.shape) != shape or tuple(ref.shape) != shape:
+            raise ValueError(f"calibration_set must be (x_T, reference) of shape {shape}, got "
+                             f"{tuple(x_T.shape)}, {tuple(ref.shape)}")
     init_grid = init_grid or spec.default_grid or getattr(sde, "default_grid", "uniform")
     theta = _theta_from_grid(sde, make_grid(init_grid, sde, steps, dtype=torch.float64)).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
@@ -116,6 +122,17 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
                          seconds=time.perf_counter() - t0, nfe=counted.nfe,
                          calibration=dict(batch=shape[0], shape=list(shape), seed=seed, dtype=str(dtype).replace("torch.", ""),
                                           reference=f"rk45 rtol=atol={reference_tol:g}", lr=lr))
+
+
+def calibration_set_for(score_fn: Callable, sde: SDE, shape: Sequence[int], reference_tol: float = 1e-7,
+                        dtype: torch.dtype | None = None, device=None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(x_T, rk45 solution at t_min from it), both `shape`: x_T drawn with a generator seeded by `seed`."""
+    from . import sample
+    shape = tuple(int(s) for s in shape)
+    x_T = sde.prior_sample(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype or torch.get_default_dtype())
+    x_T = x_T.to(device)
+    with torch.no_grad():
+        return x_T, sample(score_fn, sde, shape, "rk45", x_T=x_T, rtol=reference_tol, atol=reference_tol)
 
 
 def _adam(loss_of, theta, opt, iterations, sampler, steps, progress):
