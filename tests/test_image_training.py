@@ -1,5 +1,6 @@
 """Image training through the common loop: labels, label dropout, augmentation, bf16, EDM's loss identity."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,30 @@ def test_full_digits_config_reaches_the_stated_fd(tmp_path, config):
     assert sample_command.main(["--run", str(tmp_path), "--no-progress"]) == 0
     m = json.loads((tmp_path / "samples/metrics.json").read_text())
     assert _digits_quality_failures(m) == [], m
+
+
+def test_sampler_comparison_on_a_trained_run(tmp_path, monkeypatch):
+    """`sdekit frontier --run`: the candidates on every fixed grid and the optimised grids, from one x_T, each with
+    its solver error (median distance to the model's rk45 solution) and FD, the best per budget being the row of
+    least error; the 60-NFE heun reference is scored alike; a run that is not digits is refused by name."""
+    from sdekit import sampling
+    from sdekit.commands import frontier as frontier_command
+
+    monkeypatch.setattr(sampling, "RUN_CANDIDATES", [("ddim", "ddim", {}), ("unipc bh2", "unipc", {})])
+    run = _tiny_conditional_run(tmp_path)
+    out = tmp_path / "frontier"
+    assert frontier_command.main(["--run", str(run), "--nfe", "2", "--samples", "16", "--no-peers", "--iterations", "1",
+                                  "--out", str(out)]) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    rows = result["rows"]
+    fixed = [r for r in rows if r["grid"] != "optimized"]
+    assert len(fixed) == 2 * 3 and len(rows) == len(fixed) + 4
+    assert all(math.isfinite(r["error"]) and math.isfinite(r["fd"]) and r["nfe"] <= 2 for r in rows)
+    assert result["best"]["2"]["sdekit"]["error"] == min(r["error"] for r in rows)
+    ref = result["reference"]
+    assert ref["nfe"] == 60 and math.isfinite(ref["error"]) and math.isfinite(ref["fd"]) and ref["ode_nfe"] > 0
+    assert (out / "frontier.png").exists() and "reference" in (out / "frontier.md").read_text()
+    toy = tmp_path / "toy"
+    cfg = load_config(ROOT / "configs/ring.yaml", ["train.steps=2", f"train.out_dir={toy}"])
+    train(cfg, progress=False)
+    assert frontier_command.main(["--run", str(toy), "--no-peers"]) == 2

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import sdekit
 from sdekit.samplers import sample
-from sdekit.samplers.optimize import grid_from_theta, load_grid, optimize_grid
+from sdekit.samplers.optimize import CACHE_VERSION, grid_from_theta, load_grid, optimize_grid, optimized_grid
 
 
 def mixture(dtype=torch.float64) -> sdekit.GaussianMixture:
@@ -69,6 +70,21 @@ def test_sample_with_an_optimized_grid_uses_and_fills_the_cache(tmp_path):
     sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T, lower_order_final=False)
     assert len(json.loads(cache.read_text())["grids"]) == 2
     assert load_grid(cache, "dpmpp_2m", 6, sde) is None and load_grid(cache, "dpmpp_2m", 5, sdekit.VPSDE(beta_max=10)) is None
+
+
+def test_a_cache_written_for_another_objective_is_optimised_again(tmp_path):
+    """Grids cached by version 1 (which minimised the plain mean distance) are not reused: the grid is optimised
+    again with today's objective and the file rewritten as the current version."""
+    sde, gmm = sdekit.VPSDE(), mixture(torch.float32)
+    score = gmm.score_fn(sde)
+    cache = tmp_path / "grids.json"
+    r = optimize_grid(score, sde, (16, 2), "dpmpp_2m", 4, iterations=2, dtype=torch.float32)
+    stale = asdict(r) | {"ts": [1.0, 0.5, 0.1, 0.01, 0.001]}
+    cache.write_text(json.dumps({"version": 1, "grids": [stale]}))
+    assert load_grid(cache, "dpmpp_2m", 4, sde) is None
+    found = optimized_grid(score, sde, (16, 2), "dpmpp_2m", 4, cache=cache, iterations=2, dtype=torch.float32)
+    assert found.ts != stale["ts"]
+    assert json.loads(cache.read_text())["version"] == CACHE_VERSION and load_grid(cache, "dpmpp_2m", 4, sde) is not None
 
 
 def test_optimize_refuses_what_it_cannot_optimise():

@@ -33,8 +33,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("NFE")
     if "reference" in result:
         ref = result["reference"]
-        ax.axhline(ref["fd"], color="k", ls="--", lw=1, label=f"{ref['sampler']}, NFE {ref['nfe']}")
-        ax.set_ylabel("classifier FD to the held-out split (best sampler and grid)")
+        ax.axhline(ref["error"], color="k", ls="--", lw=1, label=f"{ref['sampler']}, NFE {ref['nfe']}")
+        ax.set_ylabel("median distance to the model's rk45 solution")
         ax.set_title(f"{cfg['checkpoint']}, {cfg['n']} samples")
     else:
         ax.set_ylabel("median distance to the rk45 solution (best sampler and grid)")
@@ -86,7 +86,7 @@ def _on_run(p: argparse.ArgumentParser, args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out if args.out != "runs/frontier" else Path(args.run) / "frontier")
-    return _write(result, out, ".1f")
+    return _write(result, out, ".2e")
 
 
 def _budgets(p: argparse.ArgumentParser, spec: str) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ from ..sde import SDE, VPSDE
 from . import SAMPLERS, CountingScore, sample
 from .optimize import calibration_set_for, optimize_grid
 
-__all__ = ["run_frontier", "compare_samplers", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
+__all__ = ["run_frontier", "compare_samplers", "scorer", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
            "SDEKIT_CANDIDATES", "BUDGETS", "frontier_markdown"]
 
 BUDGETS = (5, 10, 15, 20)
@@ -59,16 +59,24 @@ def _nfe_per_step(name: str, options: dict) -> int:
 
 
 Metric = Callable[[Tensor], float]     # samples (B, *S) -> error (lower is better)
+Scorer = Callable[[Tensor], dict]      # samples -> {"error": ..., other measures}: what a row records
 
 
-def _finite_or_nan(metric: Metric) -> Metric:
-    return lambda x: metric(x) if bool(torch.isfinite(x).all()) else float("nan")
+def scorer(metric: Metric, extras: dict[str, Metric] | None = None) -> Scorer:
+    """{'error': metric(x), name: extra(x)...}, every entry NaN when x has a non-finite value."""
+    extras = extras or {}
+
+    def scores(x: Tensor) -> dict:
+        if not bool(torch.isfinite(x).all()):
+            return {"error": float("nan"), **{k: float("nan") for k in extras}}
+        return {"error": metric(x), **{k: f(x) for k, f in extras.items()}}
+    return scores
 
 
-def sdekit_rows(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=BUDGETS,
+def sdekit_rows(score: Callable, sde: SDE, x_T: Tensor, scores: Scorer, budgets=BUDGETS,
                 candidates=None, grids=SDEKIT_GRIDS) -> list[dict]:
-    """Every candidate (label, sampler, options) on every fixed grid at every budget, scored by metric."""
-    rows, metric = [], _finite_or_nan(metric)
+    """Every candidate (label, sampler, options) on every fixed grid at every budget, scored by `scores`."""
+    rows = []
     for label, name, options in candidates or SDEKIT_CANDIDATES:
         for grid in grids:
             for budget in budgets:
@@ -78,7 +86,7 @@ def sdekit_rows(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=
                 x, info = sample(score, sde, tuple(x_T.shape), name, steps=steps, grid=grid, x_T=x_T, return_info=True,
                                  **options)
                 rows.append(dict(library="sdekit", sampler=label, grid=grid, budget=budget, steps=steps, nfe=info["nfe"],
-                                 error=metric(x)))
+                                 **scores(x)))
     return rows
 
 
@@ -101,14 +109,14 @@ DIFFUSERS_CONFIGS = [
 ]
 
 
-def diffusers_rows(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=BUDGETS) -> list[dict]:
+def diffusers_rows(score: Callable, sde: SDE, x_T: Tensor, scores: Scorer, budgets=BUDGETS) -> list[dict]:
     from ..interop.diffusers import run_scheduler
-    rows, metric = [], _finite_or_nan(metric)
+    rows = []
     for label, cls_name, config, grid in DIFFUSERS_CONFIGS:
         for budget in budgets:
             x, nfe = run_scheduler(cls_name, config, score, sde, x_T, budget)
             rows.append(dict(library="diffusers", sampler=label, grid=grid, budget=budget, steps=budget, nfe=nfe,
-                             error=metric(x)))
+                             **scores(x)))
     return rows
 
 
@@ -120,12 +128,11 @@ KDIFFUSION_SAMPLERS = [  # (label, sampler name, NFE per step, options)
 ]
 
 
-def kdiffusion_rows(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=BUDGETS) -> list[dict]:
+def kdiffusion_rows(score: Callable, sde: SDE, x_T: Tensor, scores: Scorer, budgets=BUDGETS) -> list[dict]:
     from ..interop.kdiffusion import run_sampler, sigmas
     grids = ["karras", "exponential"]
     if isinstance(sde, VPSDE) and sde.schedule == "linear" and sde.t_max == 1.0:
         grids.append("vp")
-    err = _finite_or_nan(metric)
     rows = []
     for budget in budgets:
         for label, name, per_step, options in KDIFFUSION_SAMPLERS:
@@ -135,10 +142,10 @@ def kdiffusion_rows(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budg
             for grid in grids:
                 x, nfe = run_sampler(name, score, sde, x_T, sigmas(grid, sde, steps), **options)
                 rows.append(dict(library="k-diffusion", sampler=label, grid=grid, budget=budget, steps=steps, nfe=nfe,
-                                 error=err(x)))
+                                 **scores(x)))
         x, nfe = run_sampler("dpm_fast", score, sde, x_T, steps=budget)
         rows.append(dict(library="k-diffusion", sampler="dpm_fast", grid="dpm-solver", budget=budget, steps=budget,
-                         nfe=nfe, error=err(x)))
+                         nfe=nfe, **scores(x)))
     return rows
 
 
@@ -173,16 +180,18 @@ def run_frontier(budgets=BUDGETS, batch: int = 1024, seed: int = 0, mixture: str
 
 
 def compare_samplers(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, budgets=BUDGETS, *, peers: bool = True,
-                     candidates=None, grids=SDEKIT_GRIDS, calibration: tuple | None = None,
+                     extras: dict[str, Metric] | None = None, candidates=None, grids=SDEKIT_GRIDS, calibration: tuple | None = None,
                      progress: bool = False) -> dict:
     """sdekit's candidates on its fixed grids (and optimised ones), diffusers' and k-diffusion's samplers on theirs,
-    all from the same x_T (B, *S) and scored by metric; the best per budget and library and the ratios.
+    all from the same x_T (B, *S) and scored by metric (the 'error' that ranks them) and by each of `extras` (recorded
+    beside it); the best per budget and library and the ratios.
 
     calibration: (score for the calibration batch, its size, Adam iterations, seed, rk45 tolerance of its reference)
     to optimise the grids of OPTIMIZED (a calibration batch differs from x_T), or None for fixed grids only."""
     say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
     t0 = time.perf_counter()
-    rows = sdekit_rows(score, sde, x_T, metric, budgets, candidates, grids)
+    scores = scorer(metric, extras)
+    rows = sdekit_rows(score, sde, x_T, scores, budgets, candidates, grids)
     say(f"sdekit: {len(rows)} runs in {time.perf_counter() - t0:.1f}s")
     optimized, reference_cost = [], None
     if calibration is not None:
@@ -201,7 +210,7 @@ def compare_samplers(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, bud
                     x, info = sample(score, sde, tuple(x_T.shape), name, ts=r.grid(x_T.dtype, x_T.device), x_T=x_T,
                                      return_info=True, **options)
                 rows.append(dict(library="sdekit", sampler=label, grid="optimized", budget=budget, steps=budget,
-                                 nfe=info["nfe"], error=_finite_or_nan(metric)(x)))
+                                 nfe=info["nfe"], **scores(x)))
                 start = [q["error"] for q in rows if q["library"] == "sdekit" and q["sampler"] == label
                          and q["grid"] == r.init_grid and q["budget"] == budget]
                 optimized.append(dict(sampler=label, budget=budget, seconds=r.seconds, nfe=r.nfe,
@@ -216,7 +225,7 @@ def compare_samplers(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, bud
         for lib, fn in (("diffusers", diffusers_rows), ("k-diffusion", kdiffusion_rows)):
             try:
                 t0 = time.perf_counter()
-                rows += fn(score, sde, x_T, metric, budgets)
+                rows += fn(score, sde, x_T, scores, budgets)
                 measured.append(lib)
                 say(f"{lib}: {time.perf_counter() - t0:.1f}s")
             except ImportError as e:
@@ -259,12 +268,14 @@ def frontier_markdown(result: dict, fmt: str = ".1e") -> str:
         cells = []
         for lib in libs:
             b = best.get(lib)
-            cells.append("n/a" if b is None else f"{b['error']:{fmt}} ({b['sampler']}, {b['grid']})")
+            fd = f", FD {b['fd']:.1f}" if b is not None and "fd" in b else ""
+            cells.append("n/a" if b is None else f"{b['error']:{fmt}} ({b['sampler']}, {b['grid']}{fd})")
         peer = [best[lib]["error"] for lib in result["peers_measured"] if best.get(lib)]
         ratio = f"{best['sdekit']['error'] / min(peer):.2f}" if peer else "n/a"
         ratio_fixed = f"{best['sdekit (fixed grids)']['error'] / min(peer):.2f}" if peer else "n/a"
         lines.append(f"| {budget} | {' | '.join(cells)} | {ratio} | {ratio_fixed} |")
     ref = result.get("reference")
     if ref:
-        lines.append(f"| {ref['nfe']} | {ref['fd']:{fmt}} ({ref['sampler']}, reference) |" + " |" * (len(libs) + 1))
+        lines.append(f"| {ref['nfe']} | {ref['error']:{fmt}} ({ref['sampler']}, reference, FD {ref['fd']:.1f}) |"
+                     + " |" * (len(libs) + 1))
     return "\n".join(lines) + "\n"
