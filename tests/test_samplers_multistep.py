@@ -59,7 +59,7 @@ ORDERS = [
 @pytest.mark.parametrize("label,sampler,options,order,steps", ORDERS, ids=[o[0] for o in ORDERS])
 def test_convergence_order(oracle, label, sampler, options, order, steps):
     """Fitted slope of log RMS error against log NFE on VPSDE (log-SNR grid) within 0.3 of the nominal order.
-    Measured: dpmpp_3m 3.02, deis 2.85 (order 2: 1.95), unipc p=3 4.05 (bh2) / 4.05 (bh1), p=2 2.97 / 3.03,
+    Measured: dpmpp_3m 3.02, deis 2.85 (order 2: 1.95; basis rho 2.83, log_rho 2.90), unipc p=3 4.05 (bh2) / 4.05 (bh1), p=2 2.97 / 3.03,
     p=1 1.99 / 1.98, p=3 without corrector 3.10."""
     sde, score, x_T, ref = oracle
     errs = [rms(sample(score, sde, (64, 2), sampler, steps=n, grid="log_snr", x_T=x_T, **options), ref) for n in steps]
