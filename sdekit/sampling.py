@@ -58,6 +58,9 @@ def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progre
     if labels is None and sc.guidance is not None:
         raise ConfigError("sample.guidance needs a class-conditional model (model.options.num_classes)")
     mine = list(range(rank, -(-sc.n_samples // sc.batch_size), world))
+    ts = None
+    if sc.grid == "optimized":       # fitted once, on a calibration batch of its own, before any batch is drawn
+        ts = _optimized_grid(score_fn, sde, sc, data_shape, labels is not None, device, grid_cache)
     for b in tqdm(mine, desc="sample", disable=not progress or len(mine) == 1):
         n = min(sc.batch_size, sc.n_samples - b * sc.batch_size)
         gen = torch.Generator().manual_seed(derive_seed(sc.seed, "sample_batch", b))
@@ -67,9 +70,9 @@ def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progre
             fn = guided_score(score_fn, labels[b * sc.batch_size:b * sc.batch_size + n].to(device),
                               1.0 if sc.guidance is None else sc.guidance)
         with torch.no_grad():
-            x, info = sample(fn, sde, (n, *data_shape), sampler=sc.sampler, steps=sc.steps, generator=gen,
-                             x_T=x_T.to(device), grid=sc.grid, denoise=sc.denoise, return_info=True,
-                             **({"grid_cache": grid_cache} if sc.grid == "optimized" else {}), **sc.options)
+            grid = dict(steps=sc.steps, grid=sc.grid) if ts is None else dict(ts=ts)
+            x, info = sample(fn, sde, (n, *data_shape), sampler=sc.sampler, generator=gen, x_T=x_T.to(device),
+                             denoise=sc.denoise, return_info=True, **grid, **sc.options)
         out.append(x.cpu())
         nfe = info["nfe"]
     local = torch.cat(out) if out else torch.empty((0, *data_shape))
@@ -77,6 +80,32 @@ def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progre
     if labels is not None:
         timing["guidance"] = 1.0 if sc.guidance is None else sc.guidance
     return local, timing
+
+
+def _optimized_grid(score_fn, sde, sc, data_shape: tuple[int, ...], conditional: bool, device,
+                    grid_cache: str | Path | None) -> Tensor:
+    """The grid of sample.grid = optimized: read from grid_cache, else fitted on CALIBRATION_BATCH draws of x_T (with
+    classes of their own for a conditional model, at the sampling guidance) and saved there."""
+    from .samplers import SAMPLERS
+    from .samplers.optimize import optimized_grid
+
+    steps = sc.steps if sc.steps is not None else SAMPLERS[sc.sampler].default_steps
+    fn = calibration_score(score_fn, CALIBRATION_BATCH, sc.guidance, sc.seed + 1) if conditional else score_fn
+    with torch.enable_grad():
+        found = optimized_grid(fn, sde, (CALIBRATION_BATCH, *data_shape), sc.sampler, steps, cache=grid_cache,
+                               options=sc.options, device=device, seed=sc.seed + 1)
+    return found.grid(dtype=torch.get_default_dtype(), device=device)
+
+
+CALIBRATION_BATCH = 256
+
+
+def calibration_score(denoiser, count: int, guidance: float | None, seed: int):
+    """The score of a class-conditional denoiser for a calibration batch of `count`: classes 0..K-1 repeated, in an
+    order shuffled by `seed` (so that any leading part of the batch sees every class), at the guidance scale."""
+    labels = sample_labels(denoiser, count)
+    labels = labels[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
+    return guided_score(denoiser, labels, 1.0 if guidance is None else guidance)
 
 
 def _device_of(score_fn) -> torch.device:
@@ -217,10 +246,8 @@ def compare_samplers_on_run(denoiser, cfg: Config, checkpoint: str | Path, data_
     guidance = 1.0 if cfg.sample.guidance is None else cfg.sample.guidance
 
     def score_for(count: int, seed: int):
-        labels = sample_labels(denoiser, count)
-        if labels is not None:   # a shuffled class order, so that a calibration batch sees every class
-            labels = labels[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
-        return denoiser if labels is None else guided_score(denoiser, labels, guidance)
+        conditional = sample_labels(denoiser, count) is not None
+        return calibration_score(denoiser, count, guidance, seed) if conditional else denoiser
 
     denoiser.requires_grad_(False)      # grids are optimised through the network, its weights stay fixed
     x_T = sde.prior_sample((n, *data_shape), generator=torch.Generator().manual_seed(derive_seed(cfg.sample.seed, "sample_batch", 0)))

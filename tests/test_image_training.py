@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import sdekit
+from safetensors.torch import load_file
+
 from sdekit.checkpoint import load_checkpoint
 from sdekit.config import load_config
 from sdekit.losses import dsm_loss
@@ -168,3 +170,17 @@ def test_sampler_comparison_on_a_trained_run(tmp_path, monkeypatch):
     cfg = load_config(ROOT / "configs/ring.yaml", ["train.steps=2", f"train.out_dir={toy}"])
     train(cfg, progress=False)
     assert frontier_command.main(["--run", str(toy), "--no-peers"]) == 2
+
+
+def test_sample_py_with_an_optimized_grid_on_a_conditional_run(tmp_path):
+    """sample.grid=optimized on a class-conditional model: the grid is fitted once on its own calibration batch (with
+    its own labels, whatever the sampling batch size), cached in <run>/eval_cache/grids.json, and read back by a
+    second sampling, which then gives the same samples."""
+    run = _tiny_conditional_run(tmp_path)
+    first = _sample(run, tmp_path / "a", "sample.grid=optimized")
+    cache = json.loads((run / "eval_cache" / "grids.json").read_text())
+    assert len(cache["grids"]) == 1 and cache["grids"][0]["sampler"] == "ddim" and len(cache["grids"][0]["ts"]) == 5
+    second = _sample(run, tmp_path / "b", "sample.grid=optimized")
+    a = load_file(str(tmp_path / "a" / "samples.safetensors"))["samples"]
+    b = load_file(str(tmp_path / "b" / "samples.safetensors"))["samples"]
+    assert torch.equal(a, b) and first["nfe_per_sample"] == second["nfe_per_sample"] == 4
