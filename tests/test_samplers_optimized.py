@@ -118,3 +118,18 @@ def test_frontier_measures_the_peers_on_the_same_oracle():
         peer = min(best[lib]["error"] for lib in r["peers_measured"])
         assert r["ratios"][budget] == pytest.approx(best["sdekit"]["error"] / peer)
     assert frontier_markdown(r).startswith("| NFE | sdekit |")
+
+
+def test_frontier_mixtures_by_name():
+    """The frontier's mixtures: the report's, the named exact ones, and seeded random ones (the same seed, the same
+    mixture; positive-definite covariances); anything else is refused by name."""
+    from sdekit.samplers.frontier import frontier_mixture
+
+    a, b = frontier_mixture("random:3,4,0"), frontier_mixture("random:3,4,0")
+    assert a.dim == 3 and torch.equal(a.means, b.means) and a.means.shape == (4, 3)
+    assert bool((torch.linalg.eigvalsh(a.covs) > 0.04).all())
+    assert not torch.equal(a.means, frontier_mixture("random:3,4,1").means)
+    assert frontier_mixture("ring").dim == 2 and frontier_mixture("default").dim == 2
+    for bad in ("random:3,4", "random:0,4,0", "rings"):
+        with pytest.raises(ValueError, match="mixture|random"):
+            frontier_mixture(bad)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import EXACT_MIXTURES
+from ..data import EXACT_MIXTURES, GaussianMixture
 from ..sde import SDE, VPSDE
 from . import SAMPLERS, CountingScore, sample
 from .optimize import calibration_set_for, optimize_grid
 
-__all__ = ["run_frontier", "compare_samplers", "scorer", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
+__all__ = ["run_frontier", "compare_samplers", "scorer", "random_mixture", "frontier_mixture", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
            "SDEKIT_CANDIDATES", "BUDGETS", "frontier_markdown"]
 
 BUDGETS = (5, 10, 15, 20)
@@ -156,16 +156,45 @@ def _best(rows: list[dict], library: str, budget: int) -> dict | None:
     return min(cands, key=lambda r: r["error"]) if cands else None
 
 
+def random_mixture(dim: int, n_modes: int, seed: int) -> GaussianMixture:
+    """A float64 mixture the report was not tuned on: n_modes means ~ N(0, 1.5^2 I) in `dim` dimensions, covariances
+    A A^T + 0.05 I with A ~ N(0, 0.3^2), weights uniform on [0.2, 1.2] normalised; drawn from `seed`."""
+    if dim < 1 or n_modes < 1:
+        raise ValueError(f"random mixture needs dim >= 1 and n_modes >= 1, got {dim}, {n_modes}")
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(n_modes, dim, generator=g, dtype=torch.float64) * 1.5
+    a = torch.randn(n_modes, dim, dim, generator=g, dtype=torch.float64) * 0.3
+    covs = a @ a.transpose(1, 2) + 0.05 * torch.eye(dim, dtype=torch.float64)
+    w = torch.rand(n_modes, generator=g, dtype=torch.float64) + 0.2
+    return GaussianMixture(means, covs, w / w.sum())
+
+
+def frontier_mixture(name: str) -> GaussianMixture:
+    """'default' (the accuracy report's three anisotropic modes), a name of EXACT_MIXTURES, or 'random:D,K,S'
+    (random_mixture(D, K, S)); float64."""
+    from .report import default_mixture
+
+    if name == "default":
+        return default_mixture()
+    if name in EXACT_MIXTURES:
+        return EXACT_MIXTURES[name]().to(torch.float64)
+    if name.startswith("random:"):
+        try:
+            dim, n_modes, seed = (int(v) for v in name[len("random:"):].split(","))
+        except ValueError:
+            raise ValueError(f"a random mixture is 'random:D,K,S' (dimension, modes, seed), got {name!r}") from None
+        return random_mixture(dim, n_modes, seed)
+    raise ValueError(f"unknown mixture {name!r}; expected 'default', one of {sorted(EXACT_MIXTURES)} or 'random:D,K,S'")
+
+
 def run_frontier(budgets=BUDGETS, batch: int = 1024, seed: int = 0, mixture: str = "default", peers: bool = True,
                  optimized: bool = True, calibration_batch: int = 256, iterations: int = 60,
                  progress: bool = False) -> dict:
     """Every library's samplers at each NFE budget on an exact mixture; returns the JSON-ready dict with rows, best
     rows per budget and library, the ratios sdekit-best / peer-best, the optimised grids' cost, and which peers were
-    measured (a peer that is not installed is listed under 'skipped' with the reason)."""
-    from .report import default_mixture
-
+    measured (a peer that is not installed is listed under 'skipped' with the reason). mixture: see frontier_mixture."""
     sde = VPSDE()
-    gmm = default_mixture() if mixture == "default" else EXACT_MIXTURES[mixture]().to(torch.float64)
+    gmm = frontier_mixture(mixture)
     score = gmm.score_fn(sde)
     x_T = sde.prior_sample((batch, gmm.dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = sample(score, sde, (batch, gmm.dim), "rk45", x_T=x_T, rtol=1e-11, atol=1e-11)
