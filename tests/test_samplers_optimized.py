@@ -133,3 +133,21 @@ def test_frontier_mixtures_by_name():
     for bad in ("random:3,4", "random:0,4,0", "rings"):
         with pytest.raises(ValueError, match="mixture|random"):
             frontier_mixture(bad)
+
+
+def test_accuracy_report_measures_the_peers_in_the_same_run(tmp_path):
+    """`sdekit samplers --peers`: beside samplers.md, peers.md/json/png with diffusers' and k-diffusion's best at the
+    report's NFE and the ratio sdekit-best / peer-best (skipped without diffusers); refused before any work for an SDE
+    the peers are not wired to."""
+    from sdekit.commands import samplers as samplers_command
+
+    with pytest.raises(SystemExit):
+        samplers_command.main(["--out", str(tmp_path / "ve"), "--sde", "ve", "--peers"])
+    assert not (tmp_path / "ve").exists()
+    pytest.importorskip("diffusers")
+    out = tmp_path / "report"
+    assert samplers_command.main(["--out", str(out), "--nfe", "5", "--batch", "16", "--n-samples", "50", "--quiet",
+                                  "--peers"]) == 0
+    peers = json.loads((out / "peers.json").read_text())
+    assert "diffusers" in peers["peers_measured"] and math.isfinite(peers["ratios"]["5"])
+    assert (out / "peers.png").exists() and (out / "samplers.md").exists()

@@ -19,7 +19,7 @@ from .._imports import pyplot, save_figure
 from ..data import EXACT_MIXTURES
 from ..samplers.frontier import BUDGETS, frontier_markdown, frontier_mixture, run_frontier
 
-__all__ = ["main", "plot"]
+__all__ = ["main", "plot", "write_frontier"]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     result = run_frontier(budgets, batch=args.batch, seed=args.seed, mixture=args.mixture, peers=not args.no_peers,
                           optimized=not args.no_optimized, iterations=args.iterations or 60, progress=True)
-    return _write(result, Path(args.out), ".1e")
+    return write_frontier(result, Path(args.out), ".1e")
 
 
 def _on_run(p: argparse.ArgumentParser, args) -> int:
@@ -91,7 +91,7 @@ def _on_run(p: argparse.ArgumentParser, args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out if args.out != "runs/frontier" else Path(args.run) / "frontier")
-    return _write(result, out, ".2e")
+    return write_frontier(result, out, ".2e")
 
 
 def _budgets(p: argparse.ArgumentParser, spec: str) -> tuple[int, ...]:
@@ -104,17 +104,14 @@ def _budgets(p: argparse.ArgumentParser, spec: str) -> tuple[int, ...]:
     return budgets
 
 
-def _write(result: dict, out: Path, fmt: str) -> int:
+def write_frontier(result: dict, out: Path, fmt: str = ".1e", stem: str = "frontier") -> int:
+    """<stem>.json, <stem>.md and <stem>.png into out; prints the table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "frontier.json").write_text(json.dumps(result, indent=1))
-    (out / "frontier.md").write_text(frontier_markdown(result, fmt))
-    plot(result, out / "frontier.png")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(frontier_markdown(result, fmt))
+    plot(result, out / f"{stem}.png")
     print(frontier_markdown(result, fmt))
     if result["peers_skipped"]:
         print("peers not measured:", result["peers_skipped"])
-    print(f"wrote {out / 'frontier.json'}, {out / 'frontier.md'}, {out / 'frontier.png'}")
+    print(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'}, {out / f'{stem}.png'}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=4000, help="samples per stochastic run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--peers", action="store_true",
+                   help="also measure diffusers' and k-diffusion's samplers at these NFE (VP SDE; needs the [peers] "
+                        "extra) against sdekit's best on fixed and optimised grids: peers.md, peers.json, peers.png")
     args = p.parse_args(argv)
     try:
         nfes = tuple(int(v) for v in args.nfe.split(","))
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--nfe must be comma-separated integers, got {args.nfe!r}")
     if any(n < 1 for n in nfes) or args.batch < 1 or args.n_samples < 2:
         p.error("--nfe values and --batch must be >= 1, --n-samples >= 2")
+    if args.peers and args.sde != "vp":
+        p.error("--peers compares on the VP SDE (the peers' schedules are wired to it)")
     # The oracle's work is tiny batched 2x2 algebra: thread hand-offs cost more than they save.
     torch.set_num_threads(1)
     result = run_report(args.sde, nfes, args.batch, args.n_samples, args.seed, args.mixture, progress=not args.quiet)
@@ -90,5 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, out / "samplers.png")
     print(markdown(result))
     print(f"wrote {out / 'samplers.json'}, {out / 'samplers.md'}, {out / 'samplers.png'}")
+    if args.peers:
+        from ..samplers.frontier import run_frontier
+        from .frontier import write_frontier
+
+        peers = run_frontier(nfes, batch=args.batch, seed=args.seed, mixture=args.mixture, progress=not args.quiet)
+        if peers["peers_skipped"]:
+            print(f"error: --peers could not measure {sorted(peers['peers_skipped'])}: {peers['peers_skipped']}",
+                  file=sys.stderr)
+            return 2
+        write_frontier(peers, out, stem="peers")
     return 0
 
