@@ -172,10 +172,13 @@ def test_sampler_comparison_on_a_trained_run(tmp_path, monkeypatch):
     assert frontier_command.main(["--run", str(toy), "--no-peers"]) == 2
 
 
-def test_sample_py_with_an_optimized_grid_on_a_conditional_run(tmp_path):
+def test_sample_py_with_an_optimized_grid_on_a_conditional_run(tmp_path, monkeypatch):
     """sample.grid=optimized on a class-conditional model: the grid is fitted once on its own calibration batch (with
     its own labels, whatever the sampling batch size), cached in <run>/eval_cache/grids.json, and read back by a
     second sampling, which then gives the same samples."""
+    from sdekit import sampling
+
+    monkeypatch.setattr(sampling, "CALIBRATION_BATCH", 24)     # not the sampling batch (40): labels of its own
     run = _tiny_conditional_run(tmp_path)
     first = _sample(run, tmp_path / "a", "sample.grid=optimized")
     cache = json.loads((run / "eval_cache" / "grids.json").read_text())
