@@ -361,3 +361,41 @@ def test_fusion_skips_products_broadcast_along_a_short_inner_axis():
         has = any(n.target == torch.ops.aten.addcmul.default for n in gm.graph.nodes)
         assert has == fused, (acc.shape, acc.stride(), b.shape, gm.code)
         torch.testing.assert_close(gm(acc, acc * 2, b), acc + 2 * acc * b, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("noise,scheme", [("diagonal", "euler"), ("diagonal", "reversible_heun"), ("diagonal", "srk"),
+                                          ("general", "heun"), ("additive", "reversible_heun")])
+def test_double_buffered_steps_give_the_fresh_results_bitwise(noise, scheme, monkeypatch):
+    """The traced loop writes each step's results into two alternating buffer sets: the solve is bitwise the one
+    with fresh tensors every step, the path keeps every state, and the returned x is no longer written."""
+    from sdekit.solvers import simulation
+    from sdekit.solvers._tracing import double_buffered
+    if noise == "diagonal":
+        f, g, _ = _fields()
+        x0, theta, ts, _ = _inputs(n=12)
+        m = D
+    else:
+        f, g, m = _noise_fields(noise)
+        x0 = torch.randn(B, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        theta, ts = torch.tensor([0.7, 0.4], dtype=torch.float64), torch.linspace(0.0, 1.0, 13, dtype=torch.float64)
+    buffered = []
+    monkeypatch.setattr(simulation, "double_buffered", lambda step: buffered.append(getattr(step, "into", None)) or double_buffered(step))
+    got = {save: simulate(f, g, x0, theta, ts, scheme=scheme, noise=noise, save=save,
+                          generator=torch.Generator().manual_seed(4)) for save in ("end", "path")}
+    assert len(buffered) == 2 and all(into is not None for into in buffered)       # the traced steps have buffers
+    monkeypatch.setattr(simulation, "double_buffered", lambda step: step)
+    for save in ("end", "path"):
+        want = simulate(f, g, x0, theta, ts, scheme=scheme, noise=noise, save=save, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(got[save], want), save
+    assert torch.equal(got["path"][-1], got["end"])
+
+    calls = []                                           # the wrapper itself: results of step n survive step n + 1
+    step = lambda a: calls.append(a) or a * 2            # noqa: E731
+    step.into = lambda a, o: torch.mul(a, 2, out=o[0])
+    step.into.slots = (0,)
+    run, x, seen = double_buffered(step), torch.ones(3), []
+    for _ in range(5):
+        x = run(x)
+        seen.append(x)
+    assert [float(v[0]) for v in seen[-2:]] == [16.0, 32.0] and seen[-1].data_ptr() != seen[-2].data_ptr()
+    assert seen[-1].data_ptr() == seen[-3].data_ptr()   # reused two steps later

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ._tracing import cached_trace, field_state
+from ._tracing import cached_trace, double_buffered, field_state
 from .adaptive import check_scheme, integrate_adaptive
 from .brownian import chunk_steps, normal_chunks
 from .brownian_path import path_chunks, resolve_path
@@ -205,6 +205,8 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
         ok = torch.ones((), dtype=torch.bool, device=x0.device) if check_finite else None
         x, n, checked = x0, 0, 0
         chunks = noise_chunks
+        if not graphs:
+            run = double_buffered(run)   # the traced step writes its results into two alternating sets of buffers
         if inner:
             chunks = lambda: (tuple(_batch_inner(v, 1) for v in w) for w in noise_chunks())   # noqa: E731
         if sch.stateful:
