@@ -98,8 +98,10 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     and the samplers that step in t use sde.default_grid ('uniform' for the VP family and VE, 'edm' for EDM).
     grid='optimized': the grid minimising this sampler's error for this score_fn at this number of steps
     (`sdekit.samplers.optimize`: Adam on the grid's log-SNR increments, through the sampler, against an rk45 solution
-    on 256 calibration draws of x_T from a fixed seed); read from / written to the JSON file `grid_cache` (keep it
-    next to the run's outputs), computed afresh on every call without one.
+    on 256 calibration draws of x_T from a fixed seed, so score_fn must take a batch of 256: for a score bound to
+    per-sample labels, fit the grid with `optimize_grid` on a score of its own and pass its `ts`, as sample.py does);
+    read from / written to the JSON file `grid_cache` (keep it next to the run's outputs), computed afresh on every
+    call without one.
     to_zero: the grid's last step goes from t_min to t = 0, where sigma = 0 (as k-diffusion's and diffusers' grids
     end), landing on the data prediction; only samplers that never evaluate the score at the grid's last point
     (SamplerSpec.zero_end) accept it, or an explicit ts ending at 0.
