@@ -1,7 +1,7 @@
 """`python -m sdekit.commands.frontier`: the low-NFE comparison of sdekit's samplers with diffusers' and k-diffusion's
 on one exact Gaussian mixture (sdekit.samplers.frontier.run_frontier), with optimised grids; with --run, on a
-trained digits model instead, scored by the classifier Frechet distance to the held-out split
-(sdekit.sampling.compare_samplers_on_run).
+trained digits model instead, ranked by the distance to the model's own probability-flow solution, with the
+classifier Frechet distance to the held-out split beside it (sdekit.sampling.compare_samplers_on_run).
 
 Writes frontier.json (every run, the best per budget and library, the ratios, the optimised grids and their cost),
 frontier.md (the table) and frontier.png (error against NFE, each library's best per budget) into --out.
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peers", action="store_true", help="sdekit alone")
     p.add_argument("--no-optimized", action="store_true", help="no optimised grids")
     p.add_argument("--iterations", type=int, help="Adam iterations per optimised grid (default 60; with --run 30)")
-    p.add_argument("--run", help="a trained digits run (or checkpoint): compare on it by FD, budgets default 5,10")
+    p.add_argument("--run", help="a trained digits run (or checkpoint): compare on it by solver error and FD, budgets "
+                                       "default 5,10")
     p.add_argument("--samples", type=int, help="with --run: samples per sampler (default: the held-out split's size)")
     args = p.parse_args(argv)
     if args.run:
