@@ -151,3 +151,21 @@ def test_accuracy_report_measures_the_peers_in_the_same_run(tmp_path):
     peers = json.loads((out / "peers.json").read_text())
     assert "diffusers" in peers["peers_measured"] and math.isfinite(peers["ratios"]["5"])
     assert (out / "peers.png").exists() and (out / "samplers.md").exists()
+
+
+def test_diffusers_is_not_wired_to_an_sde_its_schedules_cannot_express():
+    """diffusers' schedulers are variance-preserving: run_scheduler refuses a VE or EDM SDE by name (before importing
+    diffusers), and a comparison on such an SDE lists diffusers as skipped with the reason instead of measuring its
+    samplers on the wrong ODE."""
+    from sdekit.interop.diffusers import check_variance_preserving, run_scheduler
+    from sdekit.samplers.frontier import compare_samplers
+
+    check_variance_preserving(sdekit.VPSDE())
+    for sde in (sdekit.VESDE(), sdekit.EDMSDE()):
+        with pytest.raises(ValueError, match="variance-preserving"):
+            run_scheduler("DDIMScheduler", {}, lambda x, t: -x, sde, torch.zeros(2, 2), 3)
+    sde, gmm = sdekit.EDMSDE(), mixture()
+    x_T = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = compare_samplers(gmm.score_fn(sde), sde, x_T, lambda x: float(x.norm()), (3,), candidates=[("ddim", "ddim", {})],
+                         grids=("edm",))
+    assert "diffusers" not in r["peers_measured"] and "variance-preserving" in r["peers_skipped"]["diffusers"]

@@ -150,6 +150,17 @@ def from_diffusers(model: Callable, scheduler=None, *, alphas_cumprod=None, pred
 
 
 # --- a diffusers scheduler driven by an sdekit score (the accuracy report's peer measurement) ----------------------
+def check_variance_preserving(sde: SDE) -> None:
+    """ValueError unless alpha_t^2 + sigma_t^2 = 1 on sde's interval: diffusers' discrete schedules (betas) can only
+    express such an SDE, and wiring another (VE, EDM) to them would compare samplers on the wrong ODE."""
+    t = torch.linspace(sde.t_min, sde.t_max, 17, dtype=torch.float64)
+    alpha, sigma = sde.marginal(t)
+    gap = float((alpha ** 2 + sigma ** 2 - 1).abs().max())
+    if gap > 1e-6:
+        raise ValueError(f"diffusers' schedulers need a variance-preserving SDE (alpha^2 + sigma^2 = 1); "
+                         f"{type(sde).__name__} is off by {gap:.3g}")
+
+
 def vp_trained_betas(sde: SDE, n: int = 1000) -> Tensor:
     """float64 betas (n,) whose alphas_cumprod[k] equal alpha(t_k)^2 of sde at t_k = t_min + k (t_max - t_min) / (n - 1),
     so timestep n - 1 is t_max and timestep 0 is t_min (a VP SDE: alpha^2 + sigma^2 = 1)."""
@@ -181,6 +192,7 @@ def run_scheduler(scheduler: str, config: dict, score_fn: Callable, sde: SDE, x_
     """
     import inspect
 
+    check_variance_preserving(sde)
     diffusers = _require_diffusers()
     cls = getattr(diffusers, scheduler)
     betas = vp_trained_betas(sde, n_train).numpy()

@@ -150,6 +150,15 @@ def kdiffusion_rows(score: Callable, sde: SDE, x_T: Tensor, scores: Scorer, budg
 
 
 # --- the report -------------------------------------------------------------------------------------------------------
+def _variance_preserving(sde: SDE) -> bool:
+    from ..interop.diffusers import check_variance_preserving
+    try:
+        check_variance_preserving(sde)
+    except ValueError:
+        return False
+    return True
+
+
 def _best(rows: list[dict], library: str, budget: int) -> dict | None:
     cands = [r for r in rows if r["library"] == library and r["budget"] == budget and r["nfe"] <= budget
              and np.isfinite(r["error"])]
@@ -252,6 +261,9 @@ def compare_samplers(score: Callable, sde: SDE, x_T: Tensor, metric: Metric, bud
     measured, skipped = ["sdekit"], {}
     if peers:
         for lib, fn in (("diffusers", diffusers_rows), ("k-diffusion", kdiffusion_rows)):
+            if lib == "diffusers" and not _variance_preserving(sde):
+                skipped[lib] = f"its schedulers are variance-preserving and {type(sde).__name__} is not"
+                continue
             try:
                 t0 = time.perf_counter()
                 rows += fn(score, sde, x_T, scores, budgets)
