@@ -161,10 +161,10 @@ def test_diffusers_is_not_wired_to_an_sde_its_schedules_cannot_express():
     from sdekit.samplers.frontier import compare_samplers
 
     check_variance_preserving(sdekit.VPSDE())
-    for sde in (sdekit.VESDE(), sdekit.EDMSDE()):
+    for sde in (sdekit.VESDE(), sdekit.EDM(), sdekit.SubVPSDE()):
         with pytest.raises(ValueError, match="variance-preserving"):
             run_scheduler("DDIMScheduler", {}, lambda x, t: -x, sde, torch.zeros(2, 2), 3)
-    sde, gmm = sdekit.EDMSDE(), mixture()
+    sde, gmm = sdekit.EDM(), mixture()
     x_T = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     r = compare_samplers(gmm.score_fn(sde), sde, x_T, lambda x: float(x.norm()), (3,), candidates=[("ddim", "ddim", {})],
                          grids=("edm",))
