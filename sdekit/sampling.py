@@ -91,9 +91,8 @@ def _optimized_grid(score_fn, sde, sc, data_shape: tuple[int, ...], conditional:
 
     steps = sc.steps if sc.steps is not None else SAMPLERS[sc.sampler].default_steps
     fn = calibration_score(score_fn, CALIBRATION_BATCH, sc.guidance, sc.seed + 1) if conditional else score_fn
-    with torch.enable_grad():
-        found = optimized_grid(fn, sde, (CALIBRATION_BATCH, *data_shape), sc.sampler, steps, cache=grid_cache,
-                               options=sc.options, device=device, seed=sc.seed + 1)
+    found = optimized_grid(fn, sde, (CALIBRATION_BATCH, *data_shape), sc.sampler, steps, cache=grid_cache,
+                           options=sc.options, device=device, seed=sc.seed + 1)
     return found.grid(dtype=torch.get_default_dtype(), device=device)
 
 
@@ -233,7 +232,7 @@ def compare_samplers_on_run(denoiser, cfg: Config, checkpoint: str | Path, data_
     from .image_metrics import features, frechet_distance
     from .images import load_images
     from .samplers import CountingScore
-    from .samplers.frontier import compare_samplers
+    from .samplers.frontier import compare_samplers, median_distance
 
     if cfg.data.name != "digits":
         raise ConfigError(f"comparing samplers by FD needs the digits data (the classifier's), got {cfg.data.name!r}")
@@ -258,7 +257,7 @@ def compare_samplers_on_run(denoiser, cfg: Config, checkpoint: str | Path, data_
         start, counted = time.perf_counter(), CountingScore(score)
         ode = sample(counted, sde, tuple(x_T.shape), "rk45", x_T=x_T, rtol=tol, atol=tol)
         say(f"probability-flow solution (rk45 rtol=atol={tol:g}): {counted.nfe} NFE, {time.perf_counter() - start:.1f}s")
-        solver_error = lambda x: float((x - ode).flatten(1).norm(dim=1).median())
+        solver_error = lambda x: median_distance(x, ode)
         ref_x, ref_info = sample(score, sde, tuple(x_T.shape), reference[0], steps=reference[1], x_T=x_T, return_info=True)
     ref = dict(sampler=reference[0], steps=reference[1], nfe=ref_info["nfe"], error=solver_error(ref_x), fd=fd(ref_x),
                fd_of_the_ode_solution=fd(ode), ode_nfe=counted.nfe)

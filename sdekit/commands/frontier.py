@@ -47,8 +47,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdekit.commands.frontier", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/frontier", help="output folder (default runs/frontier)")
-    p.add_argument("--nfe", default=",".join(map(str, BUDGETS)), help="comma-separated NFE budgets (default 5,10,15,20)")
+    p.add_argument("--out", help="output folder (default runs/frontier; with --run <run>/frontier)")
+    p.add_argument("--nfe", help="comma-separated NFE budgets (default 5,10,15,20; with --run 5,10)")
     p.add_argument("--batch", type=int, default=1024, help="x_T draws (default 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixture", default="default",
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.run:
         return _on_run(p, args)
-    budgets = _budgets(p, args.nfe)
+    budgets = _budgets(p, args.nfe or ",".join(map(str, BUDGETS)))
     try:
         frontier_mixture(args.mixture)
     except ValueError as e:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     result = run_frontier(budgets, batch=args.batch, seed=args.seed, mixture=args.mixture, peers=not args.no_peers,
                           optimized=not args.no_optimized, iterations=args.iterations or 60, progress=True)
-    return write_frontier(result, Path(args.out), ".1e")
+    return write_frontier(result, Path(args.out or "runs/frontier"), ".1e")
 
 
 def _on_run(p: argparse.ArgumentParser, args) -> int:
@@ -80,7 +80,7 @@ def _on_run(p: argparse.ArgumentParser, args) -> int:
     from ..sampling import compare_samplers_on_run
     from ..training import load_trained
 
-    budgets = _budgets(p, args.nfe if args.nfe != ",".join(map(str, BUDGETS)) else "5,10")
+    budgets = _budgets(p, args.nfe or "5,10")
     try:
         denoiser, cfg, ckpt = load_trained(args.run, use_ema=True)
         data_shape = tuple(json.loads((ckpt / "state.json").read_text())["data_shape"])
@@ -91,7 +91,7 @@ def _on_run(p: argparse.ArgumentParser, args) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out if args.out != "runs/frontier" else Path(args.run) / "frontier")
+    out = Path(args.out) if args.out else Path(args.run) / "frontier"
     return write_frontier(result, out, ".2e")
 
 

@@ -30,9 +30,9 @@ from torch import Tensor
 from ..data import EXACT_MIXTURES, GaussianMixture
 from ..sde import SDE, VPSDE
 from . import SAMPLERS, CountingScore, sample
-from .optimize import calibration_set_for, optimize_grid
+from .optimize import calibration_set_for, optimize_grid, sample_distances
 
-__all__ = ["run_frontier", "compare_samplers", "scorer", "random_mixture", "frontier_mixture", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
+__all__ = ["run_frontier", "compare_samplers", "scorer", "median_distance", "random_mixture", "frontier_mixture", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
            "SDEKIT_CANDIDATES", "BUDGETS", "frontier_markdown"]
 
 BUDGETS = (5, 10, 15, 20)
@@ -50,8 +50,9 @@ OPTIMIZED = [("unipc bh2", "unipc", {}), ("dpmpp_3m", "dpmpp_3m", {}), ("dpmpp_2
              ("deis log_rho", "deis", {"basis": "log_rho"})]
 
 
-def _median_distance(x: Tensor, ref: Tensor) -> float:
-    return float((x - ref).reshape(x.shape[0], -1).norm(dim=1).median())
+def median_distance(x: Tensor, ref: Tensor) -> float:
+    """The frontier's error: the median over samples of the distance to the reference from the same x_T."""
+    return float(sample_distances(x, ref).median())
 
 
 def _nfe_per_step(name: str, options: dict) -> int:
@@ -207,7 +208,7 @@ def run_frontier(budgets=BUDGETS, batch: int = 1024, seed: int = 0, mixture: str
     score = gmm.score_fn(sde)
     x_T = sde.prior_sample((batch, gmm.dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = sample(score, sde, (batch, gmm.dim), "rk45", x_T=x_T, rtol=1e-11, atol=1e-11)
-    result = compare_samplers(score, sde, x_T, lambda x: _median_distance(x, ref), budgets, peers=peers,
+    result = compare_samplers(score, sde, x_T, lambda x: median_distance(x, ref), budgets, peers=peers,
                               calibration=(score, calibration_batch, iterations, seed + 1, 1e-7) if optimized else None,
                               progress=progress)
     result["config"] = dict(sde=sde.config(), mixture=mixture, batch=batch, seed=seed, budgets=list(budgets),

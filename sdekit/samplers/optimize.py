@@ -30,7 +30,7 @@ from torch import Tensor
 from ..sde import SDE
 from .grids import make_grid
 
-__all__ = ["OptimizedGrid", "optimize_grid", "calibration_set_for", "grid_from_theta", "load_grid", "save_grid", "optimized_grid"]
+__all__ = ["OptimizedGrid", "optimize_grid", "calibration_set_for", "typical_error", "sample_distances", "grid_from_theta", "load_grid", "save_grid", "optimized_grid"]
 
 
 @dataclass
@@ -136,8 +136,13 @@ def typical_error(x: Tensor, ref: Tensor) -> Tensor:
     A typical sample's error: the few trajectories a coarse grid sends to another mode (distance of the order of
     the mode spacing) would dominate a plain mean and pull the grid towards them; a log weighs every sample's
     relative improvement alike (on 25 tight modes this gave 5-9x lower median error at 15-20 NFE than the mean)."""
-    d = (x - ref).reshape(x.shape[0], -1).norm(dim=1)
+    d = sample_distances(x, ref)
     return torch.log(d.clamp_min(torch.finfo(d.dtype).tiny)).mean()
+
+
+def sample_distances(x: Tensor, ref: Tensor) -> Tensor:
+    """(B,) Euclidean distance of each sample x[b] (B, *S) to ref[b]."""
+    return (x - ref).reshape(x.shape[0], -1).norm(dim=1)
 
 
 def calibration_set_for(score_fn: Callable, sde: SDE, shape: Sequence[int], reference_tol: float = 1e-7,
