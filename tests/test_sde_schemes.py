@@ -196,8 +196,14 @@ def test_strong_order_of_every_scheme_on_every_noise_type(name):
         rn_additive / ou    euler, milstein, euler_heun 1.01; srk 1.98 / 2.04; heun, midpoint, reversible_heun 2.0 / 0.98
     """
     res = _strong_errors(name)
+    assert set(res) == {n for n, s in SCHEMES.items() if PROBLEMS[name]["noise"] in s.orders}
+    _assert_declared_orders(name, res)
+
+
+def _assert_declared_orders(name: str, res: dict) -> None:
+    """Each scheme's fitted slope within 0.2 of its declared order for the problem's noise type (above order - 0.2
+    on the problems where the schemes converge faster than declared)."""
     noise = PROBLEMS[name]["noise"]
-    assert set(res) == {n for n, s in SCHEMES.items() if noise in s.orders}
     for scheme, (slope, errs) in res.items():
         order = SCHEMES[scheme].orders[noise]
         if name in SUPERCONVERGENT:
@@ -211,13 +217,7 @@ def test_strong_order_on_reverse_time_grids(name):
     """Solved from t = 1 back to 0 against the closed form of the time-reflected problem: the same orders (measured
     on gbm: euler 0.56, milstein 1.01, srk 1.53, the Heun family 0.93-1.03)."""
     res = _strong_errors(name, reverse=True, levels=(8, 16, 32, 64), seed=1)
-    noise = PROBLEMS[name]["noise"]
-    for scheme, (slope, errs) in res.items():
-        order = SCHEMES[scheme].orders[noise]
-        if name in SUPERCONVERGENT:
-            assert slope > order - 0.2, (scheme, slope, errs)
-        else:
-            assert abs(slope - order) < 0.2, (scheme, slope, errs)
+    _assert_declared_orders(name, res)
 
 
 def test_reversed_sign_of_the_correction_is_what_a_stratonovich_scheme_needs_backwards():

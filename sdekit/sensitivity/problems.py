@@ -271,31 +271,31 @@ _A = torch.tensor([[-0.5, 0.8], [-0.6, -0.3]], dtype=torch.float64)
 _C = torch.tensor([1.0, -0.5], dtype=torch.float64)
 
 
+def _linear(name: str, g: Callable, noise: str, theta: list[float], T: float, description: str) -> Problem:
+    """The 2-d linear SDE dX = (a c + b A X) dt + g dW from x0 = (1, 0.5), L = |X_T|^2, with the given diffusion."""
+    f = lambda t, x, th: th[0] * _C + th[1] * (x @ _A.T)                       # noqa: E731
+    x0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    return Problem(name, f, g, torch.tensor(theta, dtype=torch.float64), ["a", "b", "s"], 0.0, T,
+                   lambda B, gen=None: x0.expand(B, 2).clone(), lambda x: (x**2).sum(-1),
+                   f_strat=ito_to_stratonovich(f, g, noise), drift_params=(0, 1), noise=noise,
+                   description=description, x0_moments=_deterministic(x0), loss_moments=_second)
+
+
 def linear_scalar(a: float = 0.6, b: float = 1.0, s: float = 0.5, T: float = 1.0) -> Problem:
     D = torch.tensor([[0.4, 0.2], [-0.1, 0.5]], dtype=torch.float64)
     e = torch.tensor([0.3, 0.6], dtype=torch.float64)
-    f = lambda t, x, th: th[0] * _C + th[1] * (x @ _A.T)                       # noqa: E731
     g = lambda t, x, th: (th[2] * (x @ D.T + e))[..., None]                  # noqa: E731  (B, 2, 1)
-    x0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    return Problem("linear_scalar", f, g, torch.tensor([a, b, s], dtype=torch.float64), ["a", "b", "s"], 0.0, T,
-                   lambda B, gen=None: x0.expand(B, 2).clone(), lambda x: (x**2).sum(-1),
-                   f_strat=ito_to_stratonovich(f, g, "scalar"), drift_params=(0, 1), noise="scalar",
-                   description="2-d linear SDE, one Brownian motion (scalar noise), L = |X_T|^2",
-                   x0_moments=_deterministic(x0), loss_moments=_second)
+    return _linear("linear_scalar", g, "scalar", [a, b, s], T,
+                   "2-d linear SDE, one Brownian motion (scalar noise), L = |X_T|^2")
 
 
 def linear_general(a: float = 0.6, b: float = 1.0, s: float = 0.4, eps: float = 0.15, T: float = 1.0) -> Problem:
     G0 = torch.tensor([[1.0, 0.3, -0.2], [0.1, 0.8, 0.5]], dtype=torch.float64)
     Ds = torch.tensor([[[0.5, 0.0], [0.0, -0.4]], [[0.0, 0.3], [0.2, 0.0]], [[-0.2, 0.1], [0.0, 0.4]]],
                       dtype=torch.float64)                                   # (m, d, d): column j is D_j x
-    f = lambda t, x, th: th[0] * _C + th[1] * (x @ _A.T)                       # noqa: E731
     g = lambda t, x, th: th[2] * (G0 + eps * torch.einsum("jik,bk->bij", Ds, x))   # noqa: E731  (B, 2, 3)
-    x0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    return Problem("linear_general", f, g, torch.tensor([a, b, s], dtype=torch.float64), ["a", "b", "s"], 0.0, T,
-                   lambda B, gen=None: x0.expand(B, 2).clone(), lambda x: (x**2).sum(-1),
-                   f_strat=ito_to_stratonovich(f, g, "general"), drift_params=(0, 1), noise="general",
-                   description="2-d linear SDE, 3 Brownian motions (general noise), L = |X_T|^2",
-                   x0_moments=_deterministic(x0), loss_moments=_second)
+    return _linear("linear_general", g, "general", [a, b, s], T,
+                   "2-d linear SDE, 3 Brownian motions (general noise), L = |X_T|^2")
 
 
 # --- double-well Langevin ----------------------------------------------------------------------------------
