@@ -120,6 +120,80 @@ def test_simulate_compiled_equals_eager(scheme):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
+def _compile_works() -> bool:
+    try:
+        return bool(torch.compile(lambda x: x + 1)(torch.zeros(2)).eq(1).all())
+    except Exception:  # noqa: BLE001 - no working C++ toolchain for inductor on this machine
+        return False
+
+
+needs_compile = pytest.mark.skipif(not _compile_works(), reason="torch.compile cannot build kernels here")
+
+
+@needs_compile
+@pytest.mark.parametrize("scheme, batch", [("euler", (7, 3)), ("euler", (20000, 2)), ("reversible_heun", (7, 3)),
+                                           ("reversible_heun", (20000, 2)), ("srk", (7, 3)), ("heun", (20000, 2))])
+def test_simulate_compiled_blocks_equal_eager(scheme, batch):
+    """compile=True with save="end" runs several steps per compiled call (`simulation.BLOCK`): on a grid and on its
+    reverse, with the blocks made of views of one long chunk of normals plus single steps at the end (7 x 3), and of
+    several short chunks drawn in place (20000 x 2: 6 steps per chunk), it gives the eager solve's answer."""
+    from sdekit.solvers.simulation import BLOCK
+    f, g, _ = _fields()
+    theta = torch.tensor([0.4, 0.5, -0.3], dtype=torch.float64)
+    x0 = torch.randn(*batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    c = chunk_steps(batch)
+    n = 3 * BLOCK + 5 if c > BLOCK else 4 * c + 1
+    assert (c > BLOCK) == (batch == (7, 3))
+    for ts in (torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64) ** 1.5, torch.linspace(1.0, 0.2, n + 1, dtype=torch.float64)):
+        run = lambda **kw: simulate(f, g, x0, theta, ts, scheme=scheme, generator=torch.Generator().manual_seed(2), **kw)
+        torch.testing.assert_close(run(compile=True), run(trace=False), rtol=0, atol=1e-12)
+
+
+@needs_compile
+def test_simulate_compiled_blocks_on_given_increments_and_paths():
+    """Given dW (blocks are its views) and a Brownian path (blocks are copied out of the path's chunks)."""
+    from sdekit.solvers import BrownianGrid
+    f, g, _ = _fields()
+    x0, theta, ts, dW = _inputs(n=21)
+    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, compile=True), _reference_path(f, g, x0, theta, ts, dW, "euler")[-1],
+                               rtol=0, atol=1e-12)
+    bm = BrownianGrid.draw(ts, (B, D), torch.Generator().manual_seed(4))
+    torch.testing.assert_close(simulate(f, g, x0, theta, ts, bm=bm, compile=True), simulate(f, g, x0, theta, ts, bm=bm, trace=False),
+                               rtol=0, atol=1e-12)
+
+
+SCALE = 0.5
+
+
+@needs_compile
+def test_simulate_compiled_blocks_follow_what_the_fields_read():
+    """A global and a closed-over tensor changed between compiled solves: each solve answers for the new values."""
+    global SCALE
+    shift = torch.tensor(0.1, dtype=torch.float64)
+    f = lambda t, x, th: -th[0] * x * SCALE + shift
+    g = lambda t, x, th: th[1] * torch.ones_like(x)
+    x0, theta, ts, dW = _inputs(n=3 * 8)
+    try:
+        for scale, sh in ((0.5, 0.1), (2.0, 0.1), (2.0, -1.0)):
+            SCALE = scale
+            shift.fill_(sh)
+            torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, compile=True), simulate(f, g, x0, theta, ts, dW, trace=False),
+                                       rtol=0, atol=1e-12)
+    finally:
+        SCALE = 0.5
+
+
+@needs_compile
+def test_simulate_compiled_blocks_report_a_path_that_becomes_non_finite():
+    f = lambda t, x, th: th[0] * x * x
+    g = lambda t, x, th: th[1] * torch.ones_like(x)
+    x0 = torch.full((4, 2), 2.0, dtype=torch.float64)
+    theta = torch.tensor([50.0, 0.0], dtype=torch.float64)
+    ts = torch.linspace(0.0, 1.0, 41, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="non-finite at step"):
+        simulate(f, g, x0, theta, ts, generator=torch.Generator().manual_seed(0), compile=True)
+
+
 def _autograd_jacobian(f, g, x0, theta, ts, dW, scheme):
     """(N+1, B, d, P) by reverse-mode autograd through the reference path."""
     return torch.autograd.functional.jacobian(lambda th: _reference_path(f, g, x0, th, ts, dW, scheme), theta)

@@ -25,15 +25,25 @@ def chunk_steps(shape: tuple[int, ...]) -> int:
 
 
 def normal_chunks(steps: int, shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype,
-                  device: torch.device | str) -> Iterator[Tensor]:
+                  device: torch.device | str, out: Tensor | None = None) -> Iterator[Tensor]:
     """Standard normals for `steps` steps, yielded as (c, *shape) chunks of `chunk_steps(shape)` steps.
 
     This chunking is part of the definition of `simulate(dW=None)`: dW[n] = sqrt(|h_n|) z[n] where z is
     the concatenation of these chunks, so a seed gives the same path on every call.
+    out: a (k, *shape) buffer, k a multiple of c, that the chunks are drawn into in turn (chunk j in the slice
+    starting at step (j c) mod k; the same numbers, written where the caller reads them in blocks of k steps);
+    each chunk is valid until the buffer comes round to it again.
     """
     c = chunk_steps(shape)
     gen_device = generator.device if generator is not None else torch.device(device)
-    for start in range(0, steps, c):
+    if out is not None and (out.shape[0] % c or out.device != gen_device or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} buffer on {gen_device} of a multiple of {c} steps; "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    for j, start in enumerate(range(0, steps, c)):
         n = min(c, steps - start)
+        if out is not None:
+            at = (j * c) % out.shape[0]
+            yield torch.randn((n, *shape), generator=generator, dtype=dtype, device=gen_device, out=out[at:at + n])
+            continue
         z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=gen_device)
         yield z.to(device, non_blocking=True)

@@ -209,7 +209,29 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
             run = double_buffered(run)   # the traced step writes its results into two alternating sets of buffers
         if inner:
             chunks = lambda: (tuple(_batch_inner(v, 1) for v in w) for w in noise_chunks())   # noqa: E731
-        if sch.stateful:
+        if compile and not graphs and path is None:
+            # BLOCK steps per compiled call: one generated loop reads x once and writes it once per block
+            c = chunk_steps(wshape)
+            k = BLOCK if c >= BLOCK else c * -(-BLOCK // c)           # several whole chunks when a chunk is short
+            buf = None
+            if c < k and dW is None and bpath is None and not levy and (gen is None or gen.device == x0.device):
+                buf = torch.empty((k, *wshape), dtype=x0.dtype, device=x0.device)       # drawn where the block reads it
+                chunks = lambda: _drawn_chunks(N, wshape, gen, x0.dtype, x0.device, h, levy, out=buf)   # noqa: E731
+            block = _compiled_block(scheme, f, g, dg, compile, noise, len(sch.state_names) if sch.stateful else 1, k)(theta)
+            y = init_state(scheme, f, g, ts[0], x0, theta, noise=noise) if sch.stateful else (x0,)
+            for w in _blocks(chunks(), k, None if buf is None else (buf,)):
+                if w[0].shape[0] == k:
+                    y = block(ts[n:n + k], h[n:n + k], *y, *w)
+                    n += k
+                else:                                                 # the last few steps
+                    for t, hn, *wn in per_step(ts[n:], h[n:], *w):
+                        y = run(t, hn, *y, *wn)
+                        y = y if sch.stateful else (y,)
+                        n += 1
+                if ok is not None and n - checked >= _CHECK_EVERY:
+                    ok, checked = ok & torch.isfinite(y[0]).all(), n
+            x = y[0]
+        elif sch.stateful:
             y = init_state(scheme, f, g, ts[0], x0, theta, noise=noise)
             for w in chunks():
                 c = w[0].shape[0]
@@ -330,14 +352,15 @@ def _default_generator(device: torch.device) -> torch.Generator | None:
 
 
 def _drawn_chunks(N: int, shape: tuple[int, int], gen: torch.Generator | None, dtype: torch.dtype,
-                  device: torch.device, h: Tensor, levy: bool) -> Iterator[tuple[Tensor, ...]]:
+                  device: torch.device, h: Tensor, levy: bool, out: Tensor | None = None) -> Iterator[tuple[Tensor, ...]]:
     """(dW,) or (dW, H) chunks of steps: dW = sqrt(|h|) z, z the chunks of `normal_chunks`, and H = sqrt(|h|/12) z'
     with z' the chunks drawn after all of z. z' comes from a copy of the generator moved past the z draws (drawn
-    and dropped chunk by chunk, so memory stays one chunk); the generator ends where a draw of z then z' leaves it."""
+    and dropped chunk by chunk, so memory stays one chunk); the generator ends where a draw of z then z' leaves it.
+    out (without Levy areas): the buffer dW is drawn into, as `normal_chunks(out=)`."""
     scale = h.abs().sqrt()
     n = 0
     if not levy:
-        for z in normal_chunks(N, shape, gen, dtype, device):
+        for z in normal_chunks(N, shape, gen, dtype, device, out=out):
             c = z.shape[0]
             yield (z.mul_(scale[n:n + c, None, None]),)              # one op per chunk, not per step
             n += c
@@ -426,6 +449,7 @@ def _locate_non_finite(step, sch, f, g, ts, h, x0, theta, noise, scheme, path, g
 
 
 _COMPILED: dict = {}
+BLOCK = 8   # steps per compiled call of `simulate(compile=...)` when only the end state is kept
 
 
 def _compiled(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | str, noise: str = "diagonal") -> Callable:
@@ -434,5 +458,53 @@ def _compiled(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | st
     fn = _COMPILED.get(key)
     if fn is None:
         fn = torch.compile(step_map(scheme, f, g, dg, noise=noise), dynamic=False, **({} if mode is True else {"mode": mode}))
+        _COMPILED[key] = fn
+    return lambda theta: (lambda t, hn, *a: fn(t, hn, *a, theta))
+
+
+def _blocks(chunks: Iterator[tuple[Tensor, ...]], k: int, buf: tuple[Tensor, ...] | None = None
+            ) -> Iterator[tuple[Tensor, ...]]:
+    """The increments of `chunks` (tuples of (c, B, m) tensors, c varying) regrouped into tuples of exactly k steps
+    (the last may have fewer): views of a chunk where it holds the k steps, else copies into one reused buffer
+    (valid until the next tuple is taken; `buf`, (k, B, m) each, if given: steps already in place are not copied)."""
+    fill = 0
+    for w in chunks:
+        c, i = w[0].shape[0], 0
+        while i < c:
+            if fill == 0 and c - i >= k:
+                yield tuple(v[i:i + k] for v in w)
+                i += k
+                continue
+            if buf is None:
+                buf = tuple(v.new_empty((k, *v.shape[1:])) for v in w)
+            n = min(k - fill, c - i)
+            for b, v in zip(buf, w):
+                if b[fill].data_ptr() != v[i].data_ptr():
+                    b[fill:fill + n].copy_(v[i:i + n])
+            fill, i = fill + n, i + n
+            if fill == k:
+                yield buf
+                fill = 0
+    if fill:
+        yield tuple(b[:fill] for b in buf)
+
+
+def _compiled_block(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | str, noise: str,
+                    n_state: int, k: int) -> Callable:
+    """bind(theta) -> block(ts (k,), h (k,), *state, *increments (k, B, m)) -> state tuple: k steps of the scheme's
+    map in one torch.compile'd call (cached), unrolled, so that the elementwise work of all of them fuses into one
+    pass over the state instead of a pass (or more) per step."""
+    key = (scheme, f, g, dg, mode, noise, "block", k)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        step = step_map(scheme, f, g, dg, noise=noise)
+
+        def block(ts, h, *a):
+            y, ws, theta = a[:n_state], a[n_state:-1], a[-1]
+            for i in range(k):
+                out = step(ts[i], h[i], *y, *(w[i] for w in ws), theta)
+                y = out if isinstance(out, tuple) else (out,)
+            return y
+        fn = torch.compile(block, dynamic=False, **({} if mode is True else {"mode": mode}))
         _COMPILED[key] = fn
     return lambda theta: (lambda t, hn, *a: fn(t, hn, *a, theta))
