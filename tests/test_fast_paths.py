@@ -131,12 +131,13 @@ needs_compile = pytest.mark.skipif(not _compile_works(), reason="torch.compile c
 
 
 @needs_compile
-@pytest.mark.parametrize("scheme, batch", [("euler", (7, 3)), ("euler", (20000, 2)), ("reversible_heun", (7, 3)),
-                                           ("reversible_heun", (20000, 2)), ("srk", (7, 3)), ("heun", (20000, 2))])
-def test_simulate_compiled_blocks_equal_eager(scheme, batch):
-    """compile=True with save="end" runs several steps per compiled call (`simulation.BLOCK`): on a grid and on its
-    reverse, with the blocks made of views of one long chunk of normals plus single steps at the end (7 x 3), and of
-    several short chunks drawn in place (20000 x 2: 6 steps per chunk), it gives the eager solve's answer."""
+@pytest.mark.parametrize("scheme, batch, save", [
+    ("euler", (7, 3), "end"), ("euler", (20000, 2), "end"), ("euler", (20000, 2), "path"), ("reversible_heun", (7, 3), "end"),
+    ("reversible_heun", (7, 3), "path"), ("reversible_heun", (20000, 2), "end"), ("srk", (7, 3), "end"), ("heun", (20000, 2), "end")])
+def test_simulate_compiled_blocks_equal_eager(scheme, batch, save):
+    """compile=True runs several steps per compiled call (`simulation.BLOCK`): on a grid and on its reverse, with the
+    blocks made of views of one long chunk of normals plus single steps at the end (7 x 3), and of several short
+    chunks drawn in place (20000 x 2: 6 steps per chunk), it gives the eager solve's answer, end or path."""
     from sdekit.solvers.simulation import BLOCK
     f, g, _ = _fields()
     theta = torch.tensor([0.4, 0.5, -0.3], dtype=torch.float64)
@@ -145,7 +146,7 @@ def test_simulate_compiled_blocks_equal_eager(scheme, batch):
     n = 3 * BLOCK + 5 if c > BLOCK else 4 * c + 1
     assert (c > BLOCK) == (batch == (7, 3))
     for ts in (torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64) ** 1.5, torch.linspace(1.0, 0.2, n + 1, dtype=torch.float64)):
-        run = lambda **kw: simulate(f, g, x0, theta, ts, scheme=scheme, generator=torch.Generator().manual_seed(2), **kw)
+        run = lambda **kw: simulate(f, g, x0, theta, ts, scheme=scheme, generator=torch.Generator().manual_seed(2), save=save, **kw)
         torch.testing.assert_close(run(compile=True), run(trace=False), rtol=0, atol=1e-12)
 
 

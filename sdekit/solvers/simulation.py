@@ -17,8 +17,12 @@ One solver for every use and noise type (diagonal by default: f(t, x, theta) and
   - A scheme's state may be more than x (reversible_heun carries (x, z, f, g)); the state is made by the
     scheme's `init` at (ts[0], x0) and x, its first entry, is what the solve returns and saves.
 `compile=True` (or a torch.compile mode such as "reduce-overhead", CUDA graphs on GPU) instead compiles
-the step map with torch.compile, which fuses a step's elementwise work into a few kernels; it pays off for
-network drifts on large batches and for cheap fields on GPU, after a one-off compile of tens of seconds.
+the step map with torch.compile. Except under CUDA graphs, `BLOCK` = 8 steps are unrolled into one compiled call,
+so that their elementwise work fuses into one pass over the state per block (a cheap field's solve then costs
+little more than drawing its normals, which are drawn in place into the block's buffer); the last steps of a solve
+that do not fill a block run one per call. After a one-off compile of seconds to tens of seconds it pays off for
+cheap fields on large batches (on CPU a network drift ran slower compiled than traced: inductor's tanh is slower
+than torch's there); not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -84,7 +88,9 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
     `BrownianGrid.draw(..., levy_area=True)`), made without holding z.
     save: "end" (memory independent of N) or "path". Differentiable by autograd in x0 and theta (then the
     step map runs eagerly). trace=False runs the step map eagerly always; compile: False, True, or a
-    torch.compile mode ("reduce-overhead" uses CUDA graphs on GPU), compiled once per (f, g, dg, mode).
+    torch.compile mode ("reduce-overhead" uses CUDA graphs on GPU), compiled once per (f, g, dg, mode): BLOCK = 8
+    steps per compiled call (one step per call under CUDA graphs), torch.compile's guards recompiling when what the
+    fields read changes.
     Non-finite x0, theta, ts, dW or levy_area are a ValueError naming the argument and the first bad index; a
     solution that becomes non-finite is a FloatingPointError naming the step, its times and the sample
     (a flag accumulated on the device every few steps, read once per solve). dW and levy_area are scanned
@@ -209,7 +215,7 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
             run = double_buffered(run)   # the traced step writes its results into two alternating sets of buffers
         if inner:
             chunks = lambda: (tuple(_batch_inner(v, 1) for v in w) for w in noise_chunks())   # noqa: E731
-        if compile and not graphs and path is None:
+        if compile and not graphs:
             # BLOCK steps per compiled call: one generated loop reads x once and writes it once per block
             c = chunk_steps(wshape)
             k = BLOCK if c >= BLOCK else c * -(-BLOCK // c)           # several whole chunks when a chunk is short
@@ -217,17 +223,23 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
             if c < k and dW is None and bpath is None and not levy and (gen is None or gen.device == x0.device):
                 buf = torch.empty((k, *wshape), dtype=x0.dtype, device=x0.device)       # drawn where the block reads it
                 chunks = lambda: _drawn_chunks(N, wshape, gen, x0.dtype, x0.device, h, levy, out=buf)   # noqa: E731
-            block = _compiled_block(scheme, f, g, dg, compile, noise, len(sch.state_names) if sch.stateful else 1, k)(theta)
+            n_state = len(sch.state_names) if sch.stateful else 1
+            block = _compiled_block(scheme, f, g, dg, compile, noise, n_state, k, path is not None)(theta)
             y = init_state(scheme, f, g, ts[0], x0, theta, noise=noise) if sch.stateful else (x0,)
             for w in _blocks(chunks(), k, None if buf is None else (buf,)):
                 if w[0].shape[0] == k:
                     y = block(ts[n:n + k], h[n:n + k], *y, *w)
+                    if path is not None:
+                        y, xs = y[:n_state], y[n_state]
+                        path[n + 1:n + k + 1].copy_(xs)
                     n += k
                 else:                                                 # the last few steps
                     for t, hn, *wn in per_step(ts[n:], h[n:], *w):
                         y = run(t, hn, *y, *wn)
                         y = y if sch.stateful else (y,)
                         n += 1
+                        if path is not None:
+                            path[n].copy_(y[0])
                 if ok is not None and n - checked >= _CHECK_EVERY:
                     ok, checked = ok & torch.isfinite(y[0]).all(), n
             x = y[0]
@@ -490,21 +502,24 @@ def _blocks(chunks: Iterator[tuple[Tensor, ...]], k: int, buf: tuple[Tensor, ...
 
 
 def _compiled_block(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | str, noise: str,
-                    n_state: int, k: int) -> Callable:
+                    n_state: int, k: int, keep_path: bool = False) -> Callable:
     """bind(theta) -> block(ts (k,), h (k,), *state, *increments (k, B, m)) -> state tuple: k steps of the scheme's
     map in one torch.compile'd call (cached), unrolled, so that the elementwise work of all of them fuses into one
-    pass over the state instead of a pass (or more) per step."""
-    key = (scheme, f, g, dg, mode, noise, "block", k)
+    pass over the state instead of a pass (or more) per step. keep_path: the tuple ends with x after each step
+    (k, B, d)."""
+    key = (scheme, f, g, dg, mode, noise, "block", k, keep_path)
     fn = _COMPILED.get(key)
     if fn is None:
         step = step_map(scheme, f, g, dg, noise=noise)
 
         def block(ts, h, *a):
             y, ws, theta = a[:n_state], a[n_state:-1], a[-1]
+            xs = []
             for i in range(k):
                 out = step(ts[i], h[i], *y, *(w[i] for w in ws), theta)
                 y = out if isinstance(out, tuple) else (out,)
-            return y
+                xs.append(y[0])
+            return (*y, torch.stack(xs)) if keep_path else y
         fn = torch.compile(block, dynamic=False, **({} if mode is True else {"mode": mode}))
         _COMPILED[key] = fn
     return lambda theta: (lambda t, hn, *a: fn(t, hn, *a, theta))
