@@ -185,6 +185,31 @@ def test_simulate_compiled_blocks_follow_what_the_fields_read():
 
 
 @needs_compile
+@pytest.mark.parametrize("n", [20, 5])
+def test_simulate_compiled_refuses_steps_that_disagree_with_the_eager_ones(n):
+    """A compiled step left stale (here: the block compiled for another drift, put in the cache in place of this
+    drift's) is caught by the per-solve comparison with the eager steps and refused by name, whether the solve runs
+    whole blocks (20 steps) or only single steps (5 < BLOCK)."""
+    from sdekit.solvers import simulation
+    g = lambda t, x, th: th[1] * torch.ones_like(x)
+    f_old = lambda t, x, th: -th[0] * x
+    f_new = lambda t, x, th: -3.0 * th[0] * x
+    x0, theta = torch.ones(4, 2, dtype=torch.float64), torch.tensor([1.0, 0.3], dtype=torch.float64)
+    ts = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+    simulate(f_old, g, x0, theta, ts, generator=torch.Generator().manual_seed(0), compile=True)
+    stale = {k: v for k, v in simulation._COMPILED.items() if k[1] is f_old}
+    assert stale
+    try:
+        for k, v in stale.items():
+            simulation._COMPILED[(k[0], f_new, *k[2:])] = v
+        with pytest.raises(RuntimeError, match="compiled 'euler' steps disagree with the eager ones"):
+            simulate(f_new, g, x0, theta, ts, generator=torch.Generator().manual_seed(0), compile=True)
+    finally:
+        for k in stale:
+            simulation._COMPILED.pop((k[0], f_new, *k[2:]), None)
+
+
+@needs_compile
 def test_simulate_compiled_blocks_report_a_path_that_becomes_non_finite():
     f = lambda t, x, th: th[0] * x * x
     g = lambda t, x, th: th[1] * torch.ones_like(x)

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ._tracing import cached_trace, double_buffered, field_state
+from ._tracing import _allclose, cached_trace, double_buffered, field_state
 from .adaptive import check_scheme, integrate_adaptive
 from .brownian import chunk_steps, normal_chunks
 from .brownian_path import path_chunks, resolve_path
@@ -90,7 +90,8 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
     step map runs eagerly). trace=False runs the step map eagerly always; compile: False, True, or a
     torch.compile mode ("reduce-overhead" uses CUDA graphs on GPU), compiled once per (f, g, dg, mode): BLOCK = 8
     steps per compiled call (one step per call under CUDA graphs), torch.compile's guards recompiling when what the
-    fields read changes.
+    fields read changes; the first compiled block (or step) of every solve is compared with the eager steps, and
+    compiled code that disagrees is a RuntimeError.
     Non-finite x0, theta, ts, dW or levy_area are a ValueError naming the argument and the first bad index; a
     solution that becomes non-finite is a FloatingPointError naming the step, its times and the sample
     (a flag accumulated on the device every few steps, read once per solve). dW and levy_area are scanned
@@ -226,17 +227,24 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
             n_state = len(sch.state_names) if sch.stateful else 1
             block = _compiled_block(scheme, f, g, dg, compile, noise, n_state, k, path is not None)(theta)
             y = init_state(scheme, f, g, ts[0], x0, theta, noise=noise) if sch.stateful else (x0,)
+            verified = False
             for w in _blocks(chunks(), k, None if buf is None else (buf,)):
                 if w[0].shape[0] == k:
-                    y = block(ts[n:n + k], h[n:n + k], *y, *w)
+                    y_in, y = y, block(ts[n:n + k], h[n:n + k], *y, *w)
+                    if not verified:         # the first block of every solve against the eager steps
+                        _check_compiled(step, theta, ts[n:n + k], h[n:n + k], y_in, w, y[:n_state], scheme)
+                        verified = True
                     if path is not None:
                         y, xs = y[:n_state], y[n_state]
                         path[n + 1:n + k + 1].copy_(xs)
                     n += k
                 else:                                                 # the last few steps
                     for t, hn, *wn in per_step(ts[n:], h[n:], *w):
-                        y = run(t, hn, *y, *wn)
+                        y_in, y = y, run(t, hn, *y, *wn)
                         y = y if sch.stateful else (y,)
+                        if not verified:
+                            _check_compiled(step, theta, ts[n:n + 1], h[n:n + 1], y_in, tuple(v[None] for v in wn), y, scheme)
+                            verified = True
                         n += 1
                         if path is not None:
                             path[n].copy_(y[0])
@@ -461,7 +469,7 @@ def _locate_non_finite(step, sch, f, g, ts, h, x0, theta, noise, scheme, path, g
 
 
 _COMPILED: dict = {}
-BLOCK = 8   # steps per compiled call of `simulate(compile=...)` when only the end state is kept
+BLOCK = 8   # steps per compiled call of `simulate(compile=...)` (not under CUDA graphs)
 
 
 def _compiled(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | str, noise: str = "diagonal") -> Callable:
@@ -499,6 +507,21 @@ def _blocks(chunks: Iterator[tuple[Tensor, ...]], k: int, buf: tuple[Tensor, ...
                 fill = 0
     if fill:
         yield tuple(b[:fill] for b in buf)
+
+
+def _check_compiled(step: Callable, theta: Tensor, ts: Tensor, h: Tensor, y0: tuple, ws: tuple, got: tuple,
+                    scheme: str) -> None:
+    """Raise if a compiled block's state `got` is not the eager steps' from y0 to round-off: torch.compile guards on
+    what it sees the fields read, and a value it does not guard would otherwise be frozen into the compiled code."""
+    y = y0
+    for i in range(ts.shape[0]):
+        out = step(ts[i], h[i], *y, *(w[i] for w in ws), theta)
+        y = out if isinstance(out, tuple) else (out,)
+    if not _allclose(got, y):
+        raise RuntimeError(f"simulate(compile=...): the compiled {scheme!r} steps disagree with the eager ones at the "
+                           "solve's first steps; f or g reads a value torch.compile does not guard (changed since it "
+                           "compiled). Use the default traced solver (compile=False), which re-traces, or "
+                           "torch._dynamo.reset() after changing it")
 
 
 def _compiled_block(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | str, noise: str,
