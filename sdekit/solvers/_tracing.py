@@ -418,9 +418,16 @@ def _allclose(a, b) -> bool:
                 default=0.0) if len(b) > 1 else 0.0
 
     def close(x, y):
+        if not y.numel():
+            return True
         eps = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
-        scale = max(float(y.abs().max()) if y.numel() else 0.0, floor)
-        return torch.allclose(x, y, rtol=1e4 * eps, atol=1e4 * eps * scale, equal_nan=True)
+        y_abs = y.abs()
+        rtol, atol = 1e4 * eps, 1e4 * eps * max(float(y_abs.max()), floor)
+        # |x - y| <= atol + rtol |y| in four ops (allclose's own check takes twice as many: this runs every solve);
+        # torch.allclose decides where that fails, as it also takes NaN == NaN and inf == inf
+        if x.is_floating_point() and x.dtype == y.dtype and bool((x - y).abs_().le(y_abs.mul_(rtol).add_(atol)).all()):
+            return True
+        return torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
     return len(a) == len(b) and all(x.shape == y.shape and close(x, y) for x, y in zip(a, b))
 
 

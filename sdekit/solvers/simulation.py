@@ -26,6 +26,8 @@ than torch's there); not yet measured on a GPU.
 """
 from __future__ import annotations
 
+import functools
+import math
 from collections import OrderedDict
 from typing import Callable, Iterator
 
@@ -196,7 +198,7 @@ def simulate(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tens
                 state0 = y0 if sch.stateful else (y0,)          # x0 laid out; the fields lay out the rest
                 statek = yk if sch.stateful else (yk,)
                 return (ts[0], h[0], *state0, *map(lay, w0), theta), (ts[k], h[k], *statek, *map(lay, wk), theta)
-            if noise != "diagonal" and x0.device.type == "cpu" and not adaptive and _inner_pays(key, step, points(_batch_inner(x0), _batch_inner)[1]):
+            if noise != "diagonal" and x0.device.type == "cpu" and not adaptive and _inner_pays(key, step, lambda: points(_batch_inner(x0), _batch_inner)[1]):
                 x0, inner = _batch_inner(x0), True
                 key = (*key, "batch-inner")
             example, check = points(x0, _batch_inner if inner else (lambda v: v))
@@ -330,16 +332,17 @@ def _batch_inner(v: Tensor, batch_dim: int = 0) -> Tensor:
 _INNER: "OrderedDict[tuple, bool]" = OrderedDict()
 
 
-def _inner_pays(key: tuple, step: Callable, point: tuple) -> bool:
+def _inner_pays(key: tuple, step: Callable, make_point: Callable[[], tuple]) -> bool:
     """Whether the traced loop may run batch-innermost for this trace key (decided once per key): the eager step,
-    given every state and increment batch-innermost, runs and returns its state stored the same way (so every step
-    sees the layout the trace was recorded on). A field that reshapes x with .view, or makes its output
-    contiguous, keeps the usual layout."""
+    given every state and increment batch-innermost (`make_point()`, made only then), runs and returns its state
+    stored the same way (so every step sees the layout the trace was recorded on). A field that reshapes x with
+    .view, or makes its output contiguous, keeps the usual layout."""
     ok = _INNER.get(key)
     if ok is None:
         def strides(v):
             return [st for st, n in zip(v.stride(), v.shape) if n > 1]
         try:
+            point = make_point()
             out = step(*point)
             outs = out if isinstance(out, tuple) else (out,)
             ok = all(o.shape == i.shape and strides(o) == strides(i) for o, i in zip(outs, point[2:-1]))
@@ -355,10 +358,16 @@ def _transformed() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+@functools.lru_cache(maxsize=8)
+def _irregular_field(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    k = torch.arange(1, math.prod(shape) + 1, dtype=torch.float64, device=device).reshape(shape)
+    return (k * 0.6180339887498949).frac().add(0.5).to(dtype)
+
+
 def _irregular(x: Tensor) -> Tensor:
-    """A fixed, irregular field in [0.5, 1.5) shaped like x (a generic probe direction)."""
-    k = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device).reshape(x.shape)
-    return (k * 0.6180339887498949).frac().add(0.5).to(x.dtype)
+    """A fixed, irregular field in [0.5, 1.5) shaped like x (a generic probe direction; made once per shape, read
+    only: every solve's trace check uses it)."""
+    return _irregular_field(tuple(x.shape), x.dtype, x.device)
 
 
 def _default_generator(device: torch.device) -> torch.Generator | None:
