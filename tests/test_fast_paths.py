@@ -133,11 +133,13 @@ needs_compile = pytest.mark.skipif(not _compile_works(), reason="torch.compile c
 @needs_compile
 @pytest.mark.parametrize("scheme, batch, save", [
     ("euler", (7, 3), "end"), ("euler", (20000, 2), "end"), ("euler", (20000, 2), "path"), ("reversible_heun", (7, 3), "end"),
-    ("reversible_heun", (7, 3), "path"), ("reversible_heun", (20000, 2), "end"), ("srk", (7, 3), "end"), ("heun", (20000, 2), "end")])
+    ("reversible_heun", (7, 3), "path"), ("reversible_heun", (20000, 2), "end"), ("srk", (7, 3), "end"), ("srk", (20000, 2), "end"),
+    ("heun", (20000, 2), "end")])
 def test_simulate_compiled_blocks_equal_eager(scheme, batch, save):
     """compile=True runs several steps per compiled call (`simulation.BLOCK`): on a grid and on its reverse, with the
     blocks made of views of one long chunk of normals plus single steps at the end (7 x 3), and of several short
-    chunks drawn in place (20000 x 2: 6 steps per chunk), it gives the eager solve's answer, end or path."""
+    chunks drawn in place (20000 x 2: 6 steps per chunk; srk's dW and Levy areas copied into the block), it gives the
+    eager solve's answer, end or path."""
     from sdekit.solvers.simulation import BLOCK
     f, g, _ = _fields()
     theta = torch.tensor([0.4, 0.5, -0.3], dtype=torch.float64)
