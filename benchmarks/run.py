@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                         "make timings erratic)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 3 quick, 5 full)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--compile", default=None, nargs="?", const="default",
-                   help="add a torch.compile row for sdekit.simulate, optionally with a mode (e.g. reduce-overhead)")
+    p.add_argument("--compile", default="default", nargs="?", const="default",
+                   help="the torch.compile mode of the `simulate(compile=...)` Euler row (default: torch's default; "
+                        "e.g. reduce-overhead for CUDA graphs), or none to leave the row out")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX/diffrax rows")
     p.add_argument("--batches", default=None, help="simulation batch sizes, comma-separated (default 1e3,1e4 quick; 1e3,1e4,1e5 full)")
     p.add_argument("--schemes", default=None,
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.compile in ("none", "no", "off"):
+        args.compile = None
     jax_ok = not args.no_jax and _has("jax") and _has("diffrax")
     repeats = args.repeats or (3 if args.quick else 5)
     out = Path(args.out)

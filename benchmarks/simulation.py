@@ -1,7 +1,7 @@
 """SDE simulation throughput (path-steps per second): sdekit's simulator against the usual ways to simulate.
 
 Rows per (problem, batch): `sdekit <scheme>` for every scheme of the registry that takes the problem's noise type
-(traced step; torch.compile'd Euler with --compile), a plain torch loop of the same scheme (hand-written Euler and
+(traced step; `compile=True` Euler unless --compile none), a plain torch loop of the same scheme (hand-written Euler and
 Milstein for the diagonal problems, the registry's step run eagerly with fresh normals each step otherwise; the
 plain Euler loop is the baseline of the tables), torchsde.sdeint with the same method (its default
 BrownianInterval), the RNG floor (the increments alone: `normal_chunks` as simulate draws them, scaled), a jitted
