@@ -130,11 +130,15 @@ def _compile_works() -> bool:
 needs_compile = pytest.mark.skipif(not _compile_works(), reason="torch.compile cannot build kernels here")
 
 
+_slow = pytest.mark.slow       # each variant compiles afresh (seconds); the default run keeps one of each kind
+
+
 @needs_compile
 @pytest.mark.parametrize("scheme, batch, save", [
-    ("euler", (7, 3), "end"), ("euler", (20000, 2), "end"), ("euler", (20000, 2), "path"), ("reversible_heun", (7, 3), "end"),
-    ("reversible_heun", (7, 3), "path"), ("reversible_heun", (20000, 2), "end"), ("srk", (7, 3), "end"), ("srk", (20000, 2), "end"),
-    ("heun", (20000, 2), "end")])
+    ("euler", (20000, 2), "end"), ("reversible_heun", (7, 3), "path"), ("srk", (20000, 2), "end"),
+    pytest.param("euler", (7, 3), "end", marks=_slow), pytest.param("euler", (20000, 2), "path", marks=_slow),
+    pytest.param("reversible_heun", (7, 3), "end", marks=_slow), pytest.param("reversible_heun", (20000, 2), "end", marks=_slow),
+    pytest.param("srk", (7, 3), "end", marks=_slow), pytest.param("heun", (20000, 2), "end", marks=_slow)])
 def test_simulate_compiled_blocks_equal_eager(scheme, batch, save):
     """compile=True runs several steps per compiled call (`simulation.BLOCK`): on a grid and on its reverse, with the
     blocks made of views of one long chunk of normals plus single steps at the end (7 x 3), and of several short
