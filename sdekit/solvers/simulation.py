@@ -436,10 +436,9 @@ def _raise_non_finite(ts: Tensor, n: int, N: int, bad: tuple[int, int, float], p
 def _rerun_to(step, sch, f, g, ts, h, x0, theta, incs, n_bad, noise, scheme) -> Tensor:
     """The state after step n_bad, recomputed from x0 (eagerly, with the same increments)."""
     y = init_state(scheme, f, g, ts[0], x0.detach(), theta.detach(), noise=noise)
-    for n in range(n_bad + 1):
-        w = tuple(v[n].detach() for v in incs)
-        y = step(ts[n], h[n], *(y if sch.stateful else (y,)), *w, theta.detach())
-    return y[0] if sch.stateful else y
+    k = n_bad + 1
+    y, _ = _run_steps(step, ts[:k], h[:k], y if sch.stateful else (y,), tuple(v[:k].detach() for v in incs), theta.detach())
+    return y[0]
 
 
 def _locate_non_finite(step, sch, f, g, ts, h, x0, theta, noise, scheme, path, given, gen, gen_state, N, wshape, levy):
@@ -483,12 +482,25 @@ BLOCK = 8   # steps per compiled call of `simulate(compile=...)` (not under CUDA
 
 def _compiled(scheme: str, f: Field, g: Field, dg: Field | None, mode: bool | str, noise: str = "diagonal") -> Callable:
     """bind(theta) -> step(t, h, *state, *increments): the scheme's step map compiled with torch.compile (cached)."""
-    key = (scheme, f, g, dg, mode, noise)
+    return _compile_cached((scheme, f, g, dg, mode, noise), lambda: step_map(scheme, f, g, dg, noise=noise), mode)
+
+
+def _compile_cached(key: tuple, make_fn: Callable[[], Callable], mode: bool | str) -> Callable:
+    """bind(theta) -> fn(t, h, *a) = compiled(t, h, *a, theta), compiled once per key with torch.compile."""
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = torch.compile(step_map(scheme, f, g, dg, noise=noise), dynamic=False, **({} if mode is True else {"mode": mode}))
-        _COMPILED[key] = fn
+        fn = _COMPILED[key] = torch.compile(make_fn(), dynamic=False, **({} if mode is True else {"mode": mode}))
     return lambda theta: (lambda t, hn, *a: fn(t, hn, *a, theta))
+
+
+def _run_steps(step: Callable, ts: Tensor, h: Tensor, y: tuple, ws: tuple, theta: Tensor) -> tuple[tuple, list]:
+    """(state, [x after each step]) after the len(ts) steps of `step` from state y, step i reading ws[j][i]."""
+    xs = []
+    for i in range(ts.shape[0]):
+        out = step(ts[i], h[i], *y, *(w[i] for w in ws), theta)
+        y = out if isinstance(out, tuple) else (out,)
+        xs.append(y[0])
+    return y, xs
 
 
 def _blocks(chunks: Iterator[tuple[Tensor, ...]], k: int, buf: tuple[Tensor, ...] | None = None
@@ -522,11 +534,7 @@ def _check_compiled(step: Callable, theta: Tensor, ts: Tensor, h: Tensor, y0: tu
                     scheme: str) -> None:
     """Raise if a compiled block's state `got` is not the eager steps' from y0 to round-off: torch.compile guards on
     what it sees the fields read, and a value it does not guard would otherwise be frozen into the compiled code."""
-    y = y0
-    for i in range(ts.shape[0]):
-        out = step(ts[i], h[i], *y, *(w[i] for w in ws), theta)
-        y = out if isinstance(out, tuple) else (out,)
-    if not _allclose(got, y):
+    if not _allclose(got, _run_steps(step, ts, h, y0, ws, theta)[0]):
         raise RuntimeError(f"simulate(compile=...): the compiled {scheme!r} steps disagree with the eager ones at the "
                            "solve's first steps; f or g reads a value torch.compile does not guard (changed since it "
                            "compiled). Use the default traced solver (compile=False), which re-traces, or "
@@ -539,19 +547,11 @@ def _compiled_block(scheme: str, f: Field, g: Field, dg: Field | None, mode: boo
     map in one torch.compile'd call (cached), unrolled, so that the elementwise work of all of them fuses into one
     pass over the state instead of a pass (or more) per step. keep_path: the tuple ends with x after each step
     (k, B, d)."""
-    key = (scheme, f, g, dg, mode, noise, "block", k, keep_path)
-    fn = _COMPILED.get(key)
-    if fn is None:
+    def make_block():
         step = step_map(scheme, f, g, dg, noise=noise)
 
         def block(ts, h, *a):
-            y, ws, theta = a[:n_state], a[n_state:-1], a[-1]
-            xs = []
-            for i in range(k):
-                out = step(ts[i], h[i], *y, *(w[i] for w in ws), theta)
-                y = out if isinstance(out, tuple) else (out,)
-                xs.append(y[0])
+            y, xs = _run_steps(step, ts, h, a[:n_state], a[n_state:-1], a[-1])
             return (*y, torch.stack(xs)) if keep_path else y
-        fn = torch.compile(block, dynamic=False, **({} if mode is True else {"mode": mode}))
-        _COMPILED[key] = fn
-    return lambda theta: (lambda t, hn, *a: fn(t, hn, *a, theta))
+        return block
+    return _compile_cached((scheme, f, g, dg, mode, noise, "block", k, keep_path), make_block, mode)
