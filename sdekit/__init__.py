@@ -1,7 +1,5 @@
 """sdekit: diffusion models and SDEs through the reparameterization (pathwise) view."""
-from . import data, losses, metrics, precond
-from . import ito, estimators
-from . import sensitivity, solvers
+from . import data, estimators, ito, losses, metrics, precond, sensitivity, solvers
 from .data import GaussianMixture
 from .likelihood import log_likelihood
 from .samplers import SAMPLERS, sample

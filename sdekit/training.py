@@ -24,8 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from ._imports import import_target, require
-from .checkpoint import (CheckpointError, FolderInUseError, atomic_write_text, folder_lock, latest_checkpoint, load_checkpoint, optimizer_from_tensors,
-                         optimizer_to_tensors, prune_checkpoints, save_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    FolderInUseError,
+    atomic_write_text,
+    folder_lock,
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .config import Config, ConfigError, ModelConfig, SDEConfig, from_dict, to_dict
 from .data import load_training_data
 from .images import image_bin_width
@@ -187,7 +197,7 @@ class EMA:
             else:
                 self.shadow[k].copy_(v)
 
-    def to(self, device) -> "EMA":
+    def to(self, device) -> EMA:
         """Keep the averages on the model's device (the update reads the live weights there)."""
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
         return self

@@ -98,6 +98,7 @@ def test_resume_equals_uninterrupted_run_with_dropout(tmp_path):
     """Dropout masks are keyed by (seed, step) like every other draw: resumed from the uninterrupted run's own
     step-30 checkpoint (what a run killed after step 30 leaves), training to 60 gives exactly its parameters."""
     import shutil
+
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)
     cfg = lambda out, *o: load_config(ROOT / "configs/digits.yaml", [*DROPOUT, f"train.out_dir={out}", "train.steps=60",  # noqa: E731
@@ -192,6 +193,7 @@ def test_folder_lock_without_flock_judges_the_recorded_pid(tmp_path, monkeypatch
     import socket
     import subprocess
     import sys
+
     from sdekit.checkpoint import FolderInUseError, folder_lock
 
     def no_flock(fd, op):
