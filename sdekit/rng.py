@@ -40,6 +40,9 @@ SEED_PURPOSES: dict[str, Callable[[int, int, tuple[int, ...]], int]] = {
     "network_rng": lambda seed, step, keys: _mix(seed, step, *keys, 2),
     # sampling a run: x_T and the sampler's noise of batch `step`
     "sample_batch": lambda seed, step, keys: seed * 1_000_003 + step,
+    # optimised grids: the calibration batch's x_T (and its class labels), a 63-bit hash of the seed, so that no
+    # seed a user samples with (nor any sample_batch seed) draws the calibration set in practice
+    "grid_calibration": lambda seed, step, keys: _mix(seed, step, 0xC0FFEE, 3),
     # evaluation: the `step`-th fresh draw of a toy data set (references for the samples, a plot's background)
     "fresh_data": lambda seed, step, keys: seed + 101 * (step + 1),
     # the estimators' variance sweep: cell `step` (family, objective, dimension)

@@ -40,7 +40,7 @@ def sample_labels(score_fn, n: int) -> Tensor | None:
 
 def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progress: bool = True,
                  rank: int = 0, world: int = 1, labels: Tensor | None = None,
-                 grid_cache: str | Path | None = None) -> tuple[Tensor, dict]:
+                 grid_cache: str | Path | None = None, grid_context: dict | None = None) -> tuple[Tensor, dict]:
     """cfg.sample.n_samples samples (N, *S) in batches, batch b drawn with the generator seeded by (seed, b).
 
     With world > 1, this process draws batches b = rank, rank + world, ... and the result has only those
@@ -48,7 +48,10 @@ def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progre
     labels: (N,) classes for a class-conditional denoiser, sampled with classifier-free guidance at scale
     cfg.sample.guidance (null: 1, the conditional model); None samples the unconditional model.
     grid_cache: the JSON file holding optimised grids (sample.grid = optimized), kept with the run; the grid is
-    optimised once, on the first batch's score function, and read back for every later batch and process.
+    optimised once, on a calibration batch of its own (x_T and labels from derive_seed(seed, 'grid_calibration'), a
+    stream no sample batch draws), and read back for every later batch and process. It is keyed by the weights'
+    fingerprint, the guidance scale, EMA or raw weights, the data shape and dtype, and `grid_context` (sdekit sample
+    passes the checkpoint and its step): a grid fitted for other settings is never reused.
     """
     from tqdm.auto import tqdm
 
@@ -60,7 +63,7 @@ def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progre
     mine = list(range(rank, -(-sc.n_samples // sc.batch_size), world))
     ts = None
     if sc.grid == "optimized":       # fitted once, on a calibration batch of its own, before any batch is drawn
-        ts = _optimized_grid(score_fn, sde, sc, data_shape, labels is not None, device, grid_cache)
+        ts = _optimized_grid(score_fn, sde, sc, data_shape, labels is not None, device, grid_cache, grid_context)
     for b in tqdm(mine, desc="sample", disable=not progress or len(mine) == 1):
         n = min(sc.batch_size, sc.n_samples - b * sc.batch_size)
         gen = torch.Generator().manual_seed(derive_seed(sc.seed, "sample_batch", b))
@@ -83,17 +86,24 @@ def draw_samples(score_fn, sde, cfg: Config, data_shape: tuple[int, ...], progre
 
 
 def _optimized_grid(score_fn, sde, sc, data_shape: tuple[int, ...], conditional: bool, device,
-                    grid_cache: str | Path | None) -> Tensor:
+                    grid_cache: str | Path | None, grid_context: dict | None = None) -> Tensor:
     """The grid of sample.grid = optimized: read from grid_cache, else fitted on CALIBRATION_BATCH draws of x_T (with
-    classes of their own for a conditional model, at the sampling guidance) and saved there."""
+    classes of their own for a conditional model, at the sampling guidance) from the calibration stream of sc.seed,
+    and saved there under the model's fingerprint and the settings it was fitted for."""
     from .samplers import SAMPLERS
-    from .samplers.optimize import optimized_grid
+    from .samplers.fingerprint import fingerprint
+    from .samplers.optimize import calibration_seed, optimized_grid
 
     steps = sc.steps if sc.steps is not None else SAMPLERS[sc.sampler].default_steps
-    fn = calibration_score(score_fn, CALIBRATION_BATCH, sc.guidance, sc.seed + 1) if conditional else score_fn
+    seed = calibration_seed(sc.seed)
+    fn = calibration_score(score_fn, CALIBRATION_BATCH, sc.guidance, seed) if conditional else score_fn
+    context = dict(guidance=(1.0 if sc.guidance is None else sc.guidance) if conditional else None,
+                   use_ema=sc.use_ema, denoise=sc.denoise, **(grid_context or {}))
+    dtype = torch.get_default_dtype()
     found = optimized_grid(fn, sde, (CALIBRATION_BATCH, *data_shape), sc.sampler, steps, cache=grid_cache,
-                           options=sc.options, device=device, seed=sc.seed + 1)
-    return found.grid(dtype=torch.get_default_dtype(), device=device)
+                           options=sc.options, key={"weights": fingerprint(score_fn)}, context=context, dtype=dtype,
+                           device=device, seed=seed)
+    return found.grid(dtype=dtype, device=device)
 
 
 CALIBRATION_BATCH = 256
@@ -263,7 +273,9 @@ def compare_samplers_on_run(denoiser, cfg: Config, checkpoint: str | Path, data_
                fd_of_the_ode_solution=fd(ode), ode_nfe=counted.nfe)
     say(f"reference {reference[0]} {reference[1]} steps (NFE {ref['nfe']}): solver error {ref['error']:.3g}, "
         f"FD {ref['fd']:.2f} (the rk45 solution's FD {ref['fd_of_the_ode_solution']:.2f})")
-    calibration = (score_for(calibration_batch, cfg.sample.seed + 1), calibration_batch, iterations, cfg.sample.seed + 1, tol)
+    from .samplers.optimize import calibration_seed
+    seed = calibration_seed(cfg.sample.seed)            # calibration draws from a stream the evaluation never uses
+    calibration = (score_for(calibration_batch, seed), calibration_batch, iterations, seed, tol)
     with torch.no_grad():
         result = compare_samplers(score, sde, x_T, solver_error, budgets, peers=peers, extras={"fd": fd},
                                   candidates=RUN_CANDIDATES, calibration=calibration if optimize else None,

@@ -10,7 +10,7 @@ import torch
 
 import sdekit
 from sdekit.samplers import sample
-from sdekit.samplers.optimize import CACHE_VERSION, grid_from_theta, load_grid, optimize_grid, optimized_grid
+from sdekit.samplers.optimize import CACHE_VERSION, fitted_for, grid_from_theta, load_grid, optimize_grid, optimized_grid
 
 
 def mixture(dtype=torch.float64) -> sdekit.GaussianMixture:
@@ -49,42 +49,48 @@ def test_optimized_grid_beats_the_default_on_held_out_draws():
 
 
 def test_sample_with_an_optimized_grid_uses_and_fills_the_cache(tmp_path):
-    """grid='optimized' computes the grid once and caches it as JSON keyed by sampler, steps, options and SDE; the
-    second call reads it (no calibration evaluations) and gives the same samples; other options get their own grid;
-    it works under torch.no_grad()."""
+    """grid='optimized' computes the grid once and caches it as JSON keyed by sampler, steps, options, SDE and what it
+    was fitted for; the second call reads it (no calibration evaluations) and gives the same samples; other options
+    get their own grid; it works under torch.no_grad()."""
     sde, gmm = sdekit.VPSDE(), mixture(torch.float32)
-    calls = []
-    score = lambda x, t: calls.append(1) or gmm.score(x, t, sde)
+    calls = sdekit.samplers.CountingScore(gmm.score_fn(sde))
+    score = lambda x, t: calls(x, t)    # the fingerprint reads calls.nfe too: it is 0 whenever the cache is looked up
     cache = tmp_path / "grids.json"
     x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():                                   # the optimisation takes its own gradients
         a, info = sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T,
                          return_info=True)
-    first = len(calls)
+    first = calls.nfe
     assert info["nfe"] == 5 and first > 100 and cache.exists()
-    calls.clear()
+    calls.nfe = 0
     b = sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T)
-    assert len(calls) == 5 and torch.equal(a, b)
-    entry = load_grid(cache, "dpmpp_2m", 5, sde)
+    assert calls.nfe == 5 and torch.equal(a, b)
+    calls.nfe = 0
+    fitted = fitted_for(score, (16, 2), torch.float32)
+    entry = load_grid(cache, "dpmpp_2m", 5, sde, fitted=fitted)
     assert entry is not None and len(entry.ts) == 6 and entry.loss <= entry.loss_init
     sample(score, sde, (16, 2), "dpmpp_2m", steps=5, grid="optimized", grid_cache=cache, x_T=x_T, lower_order_final=False)
     assert len(json.loads(cache.read_text())["grids"]) == 2
-    assert load_grid(cache, "dpmpp_2m", 6, sde) is None and load_grid(cache, "dpmpp_2m", 5, sdekit.VPSDE(beta_max=10)) is None
+    assert load_grid(cache, "dpmpp_2m", 6, sde, fitted=fitted) is None
+    assert load_grid(cache, "dpmpp_2m", 5, sdekit.VPSDE(beta_max=10), fitted=fitted) is None
 
 
 def test_a_cache_written_for_another_objective_is_optimised_again(tmp_path):
-    """Grids cached by version 1 (which minimised the plain mean distance) are not reused: the grid is optimised
-    again with today's objective and the file rewritten as the current version."""
+    """Grids cached by an older version (version 1 minimised the plain mean distance; version 2 did not record what
+    the grid was fitted for) are not reused: the grid is optimised again and the file rewritten as the current
+    version."""
     sde, gmm = sdekit.VPSDE(), mixture(torch.float32)
     score = gmm.score_fn(sde)
     cache = tmp_path / "grids.json"
     r = optimize_grid(score, sde, (16, 2), "dpmpp_2m", 4, iterations=2, dtype=torch.float32)
     stale = asdict(r) | {"ts": [1.0, 0.5, 0.1, 0.01, 0.001]}
-    cache.write_text(json.dumps({"version": 1, "grids": [stale]}))
-    assert load_grid(cache, "dpmpp_2m", 4, sde) is None
+    fitted = fitted_for(score, (16, 2), torch.float32)
+    cache.write_text(json.dumps({"version": 2, "grids": [stale]}))
+    assert load_grid(cache, "dpmpp_2m", 4, sde, fitted=fitted) is None
     found = optimized_grid(score, sde, (16, 2), "dpmpp_2m", 4, cache=cache, iterations=2, dtype=torch.float32)
     assert found.ts != stale["ts"]
-    assert json.loads(cache.read_text())["version"] == CACHE_VERSION and load_grid(cache, "dpmpp_2m", 4, sde) is not None
+    assert json.loads(cache.read_text())["version"] == CACHE_VERSION
+    assert load_grid(cache, "dpmpp_2m", 4, sde, fitted=fitted) is not None
 
 
 def test_optimize_refuses_what_it_cannot_optimise():

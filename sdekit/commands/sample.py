@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .._imports import pyplot, require
+from .._imports import check_extras, pyplot, require
 from ..checkpoint import CheckpointError, FolderInUseError, atomic_write_text
 from ..config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from ..data import EXACT_MIXTURES, load_dataset
@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bpd", type=int, default=0, help="image data: bits/dim on this many held-out images (Hutchinson)")
     p.add_argument("overrides", nargs="*", help="sample.key=value overrides, e.g. sample.sampler=euler_maruyama")
     args = p.parse_args(argv)
+    try:   # before any work: the plot comes after the samples
+        check_extras("sdekit sample", "accelerate", "matplotlib")
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         bad = [o for o in args.overrides if not o.startswith("sample.")]
         if bad:
@@ -80,7 +85,7 @@ def _sample_into(out: Path, args, state, denoiser, cfg: Config, ckpt: Path, data
     try:
         local, timing = draw_samples(denoiser, denoiser.sde, cfg, data_shape, progress=not args.no_progress and state.is_main_process,
                                      rank=state.process_index, world=state.num_processes, labels=labels,
-                                     grid_cache=eval_cache_dir(ckpt) / "grids.json")
+                                     grid_cache=eval_cache_dir(ckpt) / "grids.json", grid_context=_grid_context(ckpt))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -121,6 +126,12 @@ def _sample_into(out: Path, args, state, denoiser, cfg: Config, ckpt: Path, data
     print(json.dumps(shown, indent=1))
     print(f"wrote {out}/samples.png, metrics.json, samples.safetensors")
     return 0
+
+
+def _grid_context(ckpt: Path) -> dict:
+    """What an optimised grid of this checkpoint is fitted for beyond its weights: the checkpoint and its step."""
+    state = json.loads((ckpt / "state.json").read_text())
+    return {"checkpoint": ckpt.name, "checkpoint_step": state.get("step")}
 
 
 def _parse_compare(spec: str) -> list[tuple[str, int]]:

@@ -82,7 +82,7 @@ def _check_options(name: str, fn: Callable, options: dict) -> None:
 
 def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "euler_maruyama", steps: int | None = None,
            generator: torch.Generator | None = None, *, x_T: Tensor | None = None, noise: Tensor | None = None,
-           ts: Tensor | None = None, grid: str | None = None, grid_cache=None, to_zero: bool = False,
+           ts: Tensor | None = None, grid: str | None = None, grid_cache=None, grid_key=None, to_zero: bool = False,
            denoise: bool = False, return_trajectory: bool = False,
            return_info: bool = False, callback: Callable | None = None, dtype: torch.dtype | None = None,
            device=None, **options):
@@ -98,10 +98,14 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
     and the samplers that step in t use sde.default_grid ('uniform' for the VP family and VE, 'edm' for EDM).
     grid='optimized': the grid minimising this sampler's error for this score_fn at this number of steps
     (`sdekit.samplers.optimize`: Adam on the grid's log-SNR increments, through the sampler, against an rk45 solution
-    on 256 calibration draws of x_T from a fixed seed, so score_fn must take a batch of 256: for a score bound to
-    per-sample labels, fit the grid with `optimize_grid` on a score of its own and pass its `ts`, as sample.py does);
-    read from / written to the JSON file `grid_cache` (keep it next to the run's outputs), computed afresh on every
-    call without one.
+    on 256 calibration draws of x_T from their own stream, optimize.CALIBRATION_SEED, which no sampling seed draws, so
+    score_fn must take a batch of 256: for a score bound to per-sample labels, fit the grid with `optimize_grid` on a
+    score of its own and pass its `ts`, as sample.py does); read from / written to the JSON file `grid_cache` (keep
+    it next to the run's outputs) under what it was fitted for: a fingerprint of score_fn (its weights, mixture or
+    the values its closure reads), the data shape and dtype; computed afresh on every call without one.
+    grid_key: a JSON-able name of the model to key the cache with instead of the fingerprint, for a score_fn that
+    cannot be fingerprinted (sample() raises FingerprintError naming the part it could not read); the caller then
+    answers for the key naming everything the grid depends on.
     to_zero: the grid's last step goes from t_min to t = 0, where sigma = 0 (as k-diffusion's and diffusers' grids
     end), landing on the data prediction; only samplers that never evaluate the score at the grid's last point
     (SamplerSpec.zero_end) accept it, or an explicit ts ending at 0.
@@ -122,6 +126,8 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         raise ValueError(f"unknown time grid {grid!r}; expected one of {sorted(GRIDS) + ['optimized']}")
     if grid == "optimized" and (ts is not None or to_zero):
         raise ValueError("grid='optimized' chooses the grid itself: pass neither ts nor to_zero")
+    if (grid_cache is not None or grid_key is not None) and grid != "optimized":
+        raise ValueError("grid_cache and grid_key only apply with grid='optimized'")
     if to_zero and not spec.zero_end:
         raise ValueError(f"sampler {sampler!r} evaluates the score at the grid's last point, so its grid cannot end at "
                          f"t = 0 (sigma = 0); samplers that can: {sorted(n for n, s in SAMPLERS.items() if s.zero_end)}")
@@ -140,7 +146,7 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str = "e
         if grid == "optimized":
             from .optimize import optimized_grid
             found = optimized_grid(score_fn, sde, (256, *shape[1:]), sampler, steps, cache=grid_cache, options=options,
-                                   dtype=x_T.dtype, device=x_T.device)
+                                   key=grid_key, dtype=x_T.dtype, device=x_T.device)
             ts = found.grid(dtype=x_T.dtype, device=x_T.device)
         else:
             ts = make_grid(grid or spec.default_grid or getattr(sde, "default_grid", "uniform"), sde, steps,

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..data import EXACT_MIXTURES, GaussianMixture
 from ..sde import SDE, VPSDE
 from . import SAMPLERS, CountingScore, sample
-from .optimize import calibration_set_for, optimize_grid, sample_distances
+from .optimize import calibration_seed, calibration_set_for, optimize_grid, sample_distances
 
 __all__ = ["run_frontier", "compare_samplers", "scorer", "median_distance", "random_mixture", "frontier_mixture", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
            "SDEKIT_CANDIDATES", "BUDGETS", "frontier_markdown"]
@@ -209,12 +209,12 @@ def run_frontier(budgets=BUDGETS, batch: int = 1024, seed: int = 0, mixture: str
     x_T = sde.prior_sample((batch, gmm.dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = sample(score, sde, (batch, gmm.dim), "rk45", x_T=x_T, rtol=1e-11, atol=1e-11)
     result = compare_samplers(score, sde, x_T, lambda x: median_distance(x, ref), budgets, peers=peers,
-                              calibration=(score, calibration_batch, iterations, seed + 1, 1e-7) if optimized else None,
+                              calibration=(score, calibration_batch, iterations, calibration_seed(seed), 1e-7) if optimized else None,
                               progress=progress)
     result["config"] = dict(sde=sde.config(), mixture=mixture, batch=batch, seed=seed, budgets=list(budgets),
                             reference="rk45 float64 rtol=atol=1e-11 from the same x_T",
                             metric="median over x_T of the distance to the reference",
-                            calibration=dict(batch=calibration_batch, seed=seed + 1, iterations=iterations))
+                            calibration=dict(batch=calibration_batch, seed=calibration_seed(seed), iterations=iterations))
     return result
 
 

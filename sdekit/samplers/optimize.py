@@ -12,7 +12,16 @@ multistep coefficients are float64 tensor arithmetic). The best grid seen is kep
 than the start on the calibration batch; the gain on other draws of x_T is what the accuracy report measures.
 
 Grids are cached in a JSON file next to a run's outputs (`load_grid`, `save_grid`, `optimized_grid`), keyed by
-sampler, steps, options and the SDE's configuration; `sample(..., grid="optimized", grid_cache=path)` uses it.
+sampler, steps, options, the SDE's configuration and what the grid was fitted for (`fitted_for`): the model (a
+fingerprint of the score function's weights, mixture or closure, `sdekit.samplers.fingerprint`, or a key the caller
+names), the data shape and dtype, and the caller's context (sample.py adds the guidance scale, EMA or raw weights
+and the checkpoint step). A grid is only ever read back for the same key; a score function that cannot be
+fingerprinted for certain is refused (FingerprintError) unless the caller names a key.
+`sample(..., grid="optimized", grid_cache=path)` uses it.
+
+Calibration draws come from their own stream: x_T of the calibration batch is drawn with the seed
+`derive_seed(seed, "grid_calibration")` (a 63-bit hash of the user's seed, `sdekit.rng`), which no seed a user
+samples with equals in practice, so a grid is never evaluated on the draws it was fitted on.
 """
 from __future__ import annotations
 
@@ -27,10 +36,21 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..rng import derive_seed
 from ..sde import SDE
+from .fingerprint import fingerprint
 from .grids import make_grid
 
-__all__ = ["OptimizedGrid", "optimize_grid", "calibration_set_for", "typical_error", "sample_distances", "grid_from_theta", "load_grid", "save_grid", "optimized_grid"]
+__all__ = ["OptimizedGrid", "optimize_grid", "calibration_set_for", "typical_error", "sample_distances", "grid_from_theta",
+           "load_grid", "save_grid", "optimized_grid", "fitted_for", "calibration_seed", "CALIBRATION_SEED"]
+
+
+def calibration_seed(seed: int) -> int:
+    """The seed of the calibration draws for a user's `seed`: derive_seed(seed, 'grid_calibration')."""
+    return derive_seed(seed, "grid_calibration")
+
+
+CALIBRATION_SEED = calibration_seed(0)     # sample(grid="optimized") and optimize_grid's default
 
 
 @dataclass
@@ -48,6 +68,7 @@ class OptimizedGrid:
     seconds: float
     nfe: int                       # score evaluations spent (reference, forward passes; backward passes not counted)
     calibration: dict = field(default_factory=dict)
+    fitted_for: dict = field(default_factory=dict)   # the model, data shape and dtype, context (see fitted_for())
 
     def grid(self, dtype=torch.float32, device=None) -> Tensor:
         return torch.tensor(self.ts, dtype=torch.float64).to(dtype=dtype, device=device)
@@ -67,21 +88,39 @@ def _theta_from_grid(sde: SDE, ts: Tensor) -> Tensor:
     return torch.log(torch.diff(lam).clamp_min(1e-12))
 
 
-CACHE_VERSION = 2     # version 1 grids minimised the mean distance, version 2 typical_error
+CACHE_VERSION = 3     # 1: mean distance; 2: typical_error; 3: keyed by what the grid was fitted for (fitted_for)
 
 
-def _key(sampler: str, steps: int, options: dict, sde: SDE) -> dict:
-    return dict(sampler=sampler, steps=int(steps), options=json.loads(json.dumps(options, sort_keys=True)), sde=sde.config())
+def _key(sampler: str, steps: int, options: dict, sde_config: dict, fitted: dict) -> dict:
+    return dict(sampler=sampler, steps=int(steps), options=_plain(options), sde=_plain(sde_config), fitted_for=_plain(fitted))
+
+
+def _plain(value):
+    """value as JSON reads it back (tuples -> lists, keys sorted), so that keys compare equal after a round trip."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def fitted_for(score_fn: Callable, shape: Sequence[int], dtype: torch.dtype, key=None, **context) -> dict:
+    """What a grid is fitted for: {'model': {'fingerprint': sha256 of score_fn} or {'key': key}, 'data_shape': S,
+    'dtype': ..., **context}. key: a JSON-able name of the model given by the caller, used instead of the
+    fingerprint (for a score function that cannot be fingerprinted); context: anything else the grid depends on
+    that the score function does not show (guidance scale, EMA or raw weights, checkpoint step).
+    Raises FingerprintError when key is None and score_fn cannot be fingerprinted for certain."""
+    model = {"key": _plain(key)} if key is not None else {"fingerprint": fingerprint(score_fn)}
+    return dict(model=model, data_shape=[int(s) for s in tuple(shape)[1:]], dtype=str(dtype).replace("torch.", ""),
+                **_plain(context))
 
 
 def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str, steps: int, *,
                   options: dict | None = None, init_grid: str | None = None, iterations: int = 60, lr: float = 0.1,
-                  reference_tol: float | None = None, dtype: torch.dtype | None = None, device=None, seed: int = 0,
+                  reference_tol: float | None = None, dtype: torch.dtype | None = None, device=None,
+                  seed: int = CALIBRATION_SEED,
                   calibration_set: tuple[Tensor, Tensor] | None = None, progress: bool = False) -> OptimizedGrid:
     """Optimise the `steps`-step grid of `sampler` for score_fn under sde on a calibration batch.
 
     shape: (B, *S), the calibration batch (B = 256 is plenty for a 2-D mixture); x_T is drawn from
-    sde.prior_sample with a generator seeded by `seed` (the user's generator is not touched).
+    sde.prior_sample with a generator seeded by `seed` (the user's generator is not touched; default
+    CALIBRATION_SEED, a stream no sampling seed draws from: pass calibration_seed(user_seed) to derive one).
     options: the sampler's keywords (as for sample()); init_grid: the start (default: the sampler's default grid).
     reference_tol: rtol = atol of the rk45 reference (default 1e-7 in float64, 1e-5 in lower precision, where 1e-7
     is at the round-off and makes rk45 crawl). Cost: the reference, then `iterations` forward and backward
@@ -182,12 +221,14 @@ def _deterministic(sampler: str, options: dict) -> bool:
     return (sampler == "ddim" and options.get("eta", 0.0) == 0.0) or (sampler == "edm" and options.get("S_churn", 0.0) == 0.0)
 
 
-def load_grid(path: str | os.PathLike, sampler: str, steps: int, sde: SDE, options: dict | None = None) -> OptimizedGrid | None:
-    """The cached grid for (sampler, steps, options, sde) in the JSON file at path, or None."""
+def load_grid(path: str | os.PathLike, sampler: str, steps: int, sde: SDE, options: dict | None = None, *,
+              fitted: dict) -> OptimizedGrid | None:
+    """The cached grid for (sampler, steps, options, sde, fitted) in the JSON file at path, or None.
+    fitted: what the grid must have been fitted for (`fitted_for`)."""
     path = Path(path)
     if not path.exists():
         return None
-    key = _key(sampler, steps, options or {}, sde)
+    key = _key(sampler, steps, options or {}, sde.config(), fitted)
     cached = json.loads(path.read_text())
     if cached.get("version") != CACHE_VERSION:      # optimised for another objective: optimise again
         return None
@@ -202,7 +243,9 @@ def save_grid(path: str | os.PathLike, result: OptimizedGrid) -> None:
     path = Path(path)
     cached = json.loads(path.read_text()) if path.exists() else {}
     grids = cached.get("grids", []) if cached.get("version") == CACHE_VERSION else []
-    key = _key(result.sampler, result.steps, result.options, _FakeSDE(result.sde))
+    if not result.fitted_for:
+        raise ValueError("save_grid: the grid does not say what it was fitted for (OptimizedGrid.fitted_for, see fitted_for())")
+    key = _key(result.sampler, result.steps, result.options, result.sde, result.fitted_for)
     grids = [g for g in grids if not all(g.get(k) == v for k, v in key.items())] + [asdict(result)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -210,22 +253,20 @@ def save_grid(path: str | os.PathLike, result: OptimizedGrid) -> None:
     os.replace(tmp, path)
 
 
-class _FakeSDE:
-    def __init__(self, config: dict):
-        self._config = config
-
-    def config(self) -> dict:
-        return self._config
-
-
 def optimized_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str, steps: int, *,
-                   cache: str | os.PathLike | None = None, options: dict | None = None, **kwargs) -> OptimizedGrid:
-    """The cached grid if `cache` holds one for (sampler, steps, options, sde), else optimize_grid (saved to cache)."""
+                   cache: str | os.PathLike | None = None, options: dict | None = None, key=None,
+                   context: dict | None = None, **kwargs) -> OptimizedGrid:
+    """The cached grid if `cache` holds one for (sampler, steps, options, sde) fitted for this model, data shape,
+    dtype and context (`fitted_for(score_fn, shape, dtype, key, **context)`), else optimize_grid (saved to cache).
+    With a cache, a score function that cannot be fingerprinted needs key= (FingerprintError before any work)."""
+    dtype = kwargs.get("dtype") or torch.get_default_dtype()
+    fitted = fitted_for(score_fn, shape, dtype, key, **(context or {})) if cache is not None or key is not None else {}
     if cache is not None:
-        found = load_grid(cache, sampler, steps, sde, options)
+        found = load_grid(cache, sampler, steps, sde, options, fitted=fitted)
         if found is not None:
             return found
     result = optimize_grid(score_fn, sde, shape, sampler, steps, options=options, **kwargs)
+    result.fitted_for = fitted
     if cache is not None:
         save_grid(cache, result)
     return result
