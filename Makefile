@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 	touch .venv/installed
 
 demo: .venv/installed
-	$(PY) train.py --config configs/ring.yaml
+	$(PY) train.py --config configs/ring.yaml --overwrite   # the demo starts afresh each time
 	$(PY) sample.py --run runs/ring
 
 test: .venv/installed

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXTRAS", "require", "pyplot", "missing_extra", "import_target"]
+__all__ = ["EXTRAS", "PEERS", "PEERS_HINT", "require", "check_extras", "pyplot", "missing_extra", "import_target"]
 
 # top-level package -> (what a person would call it, the extra that installs it)
 EXTRAS: dict[str, tuple[str, str]] = {
@@ -33,6 +33,33 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "images"),
     "matplotlib": ("matplotlib", "images"),
 }
+
+
+# The peers the sampler comparisons measure (`sdekit frontier`, `sdekit samplers --peers`): the [peers] extra, and
+# k-diffusion installed apart without its dependencies (they break this install; see pyproject.toml).
+PEERS: dict[str, str] = {"diffusers": "diffusers", "torchdiffeq": "torchdiffeq", "k_diffusion": "k-diffusion"}
+PEERS_HINT = ("pip install -c constraints.txt 'sdekit[peers]' && "
+              "pip install -c constraints.txt --no-deps k-diffusion")
+
+
+def check_extras(feature: str, *packages: str) -> None:
+    """Raise one ImportError naming every missing package among `packages` (keys of EXTRAS or PEERS) and the one
+    command that installs them all, before a command starts its work. Looks packages up without importing them.
+    """
+    import importlib.util
+
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if not missing:
+        return
+    labels = list(dict.fromkeys(EXTRAS[p][0] if p in EXTRAS else PEERS[p] for p in missing))
+    if all(p in PEERS for p in missing):
+        hint = PEERS_HINT
+    else:
+        extras = sorted({EXTRAS[p][1] if p in EXTRAS else "peers" for p in missing})
+        hint = f"pip install -c constraints.txt 'sdekit[{','.join(extras)}]'"
+        if "k_diffusion" in missing:
+            hint += " && pip install -c constraints.txt --no-deps k-diffusion"
+    raise ImportError(f"{feature} needs {', '.join(labels)} (not installed): {hint}")
 
 
 def missing_extra(package: str, feature: str) -> ImportError:

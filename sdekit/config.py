@@ -6,6 +6,7 @@ before any work starts. The resolved config is saved (as JSON) in every checkpoi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import types
@@ -160,6 +161,19 @@ def _get(cfg: Config, dotted: str):
     return obj
 
 
+def sde_parameters(name: str) -> set[str]:
+    """The sde.* keys that apply to the SDE registered as `name` (its constructor's parameters)."""
+    return set(inspect.signature(SDES[name]).parameters)
+
+
+def _check_sde_keys(sde: SDEConfig) -> None:
+    accepted = sde_parameters(sde.name)
+    for f in dataclasses.fields(SDEConfig):
+        if f.name != "name" and getattr(sde, f.name) is not None and f.name not in accepted:
+            raise ConfigError(f"sde.{f.name} does not apply to sde.name={sde.name!r}; it takes {sorted(accepted)} "
+                              f"(leave sde.{f.name} out, or set sde.{f.name}=null)")
+
+
 def resolve_sigma_data(cfg: Config) -> None:
     """Make sde.sigma_data and model.sigma_data one value, in place.
 
@@ -212,6 +226,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)!r}")
     if ":" not in cfg.model.target:
         raise ConfigError(f"model.target must look like 'module:Class', got {cfg.model.target!r}")
+    _check_sde_keys(cfg.sde)
     _validate_image_data(cfg.data)
     resolve_sigma_data(cfg)
 
@@ -313,7 +328,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = json.loads(json.dumps(data or {}))
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            hint = ""
+            if item.endswith((".yaml", ".yml")):
+                hint = f"; to read a config file, pass it as --config {item}"
+            elif Path(item).is_dir():
+                hint = f"; to name a run folder, pass it as --run {item}"
+            raise ConfigError(f"override {item!r} must look like section.key=value{hint}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw.strip() else ""
         node = data
@@ -326,8 +346,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _switch_sde(data: dict, overrides: list[str]) -> dict:
+    """When an override names another SDE (`sde.name=ve` over a file's vp), the file's sde.* keys that do not apply
+    to the new SDE (beta_min, beta_max, ...) are dropped: they were the other SDE's settings. Keys given as
+    overrides are kept, so one that does not apply is still an error naming it."""
+    names = [item.split("=", 1)[1] for item in overrides if "=" in item and item.split("=", 1)[0].strip() == "sde.name"]
+    sde = data.get("sde")
+    if not names or not isinstance(sde, dict):
+        return data
+    new = yaml.safe_load(names[-1]) if names[-1].strip() else ""
+    if new == sde.get("name", SDEConfig.name) or new not in SDES:
+        return data   # the same SDE, or a name validation will refuse
+    accepted = sde_parameters(new)
+    return {**data, "sde": {k: v for k, v in sde.items() if k == "name" or k in accepted}}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults when path is None), apply overrides, validate."""
+    """Read a YAML config (or start from defaults when path is None), apply overrides, validate.
+
+    An override `sde.name=...` naming another SDE than the file's drops the file's settings of the other SDE
+    (`configs/ring.yaml sde.name=ve sde.sigma_max=10` is a VE SDE with sigma_max 10 and the default sigma_min)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -339,4 +377,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return from_dict(apply_overrides(data, overrides or []))
+    return from_dict(apply_overrides(_switch_sde(data, overrides or []), overrides or []))

@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .checkpoint import (
     atomic_write_text,
     folder_lock,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -44,7 +46,8 @@ from .precond import Denoiser
 from .rng import derive_seed
 from .sde import SDE, SDES, make_sde
 
-__all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator", "KeyedDropout", "EMA", "launch_kwargs", "check_launch", "exclusive_folder", "train",
+__all__ = ["build_sde", "build_network", "build_denoiser", "check_model_fits_data", "batch_indices", "step_generator",
+           "KeyedDropout", "EMA", "launch_kwargs", "check_launch", "exclusive_folder", "check_run_folder", "train",
            "load_trained", "resolve_checkpoint"]
 
 
@@ -274,31 +277,112 @@ def check_launch(num_processes: int) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_folder(folder: str | Path, is_main: bool, num_processes: int, device=None):
+def exclusive_folder(folder: str | Path, is_main: bool, num_processes: int, device=None, check=None):
     """The main process holds `folder`'s lock (checkpoint.folder_lock) while the block runs; every process raises
-    FolderInUseError when it is taken, so that no process waits for a peer that stopped. Call on every process."""
+    FolderInUseError when it is taken, so that no process waits for a peer that stopped. Call on every process.
+
+    check: called by the main process once it holds the lock (e.g. `check_run_folder`); the ConfigError or
+    CheckpointError it raises stops every process before the block runs."""
     with contextlib.ExitStack() as stack:
         error = None
         if is_main:
             try:
                 stack.enter_context(folder_lock(folder))
-            except FolderInUseError as e:
+                if check is not None:
+                    check()
+            except (ConfigError, CheckpointError) as e:
                 error = e
         if num_processes > 1:
             import torch.distributed as dist
             failed = torch.tensor([float(error is not None)], device=device)
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
             if error is None and failed.item() > 0:
-                error = FolderInUseError(f"output folder {folder} is in use by another run (the main process could not lock it)")
+                error = FolderInUseError(f"output folder {folder}: the main process refused to start the run "
+                                         "(its error names the reason)")
         if error is not None:
             raise error
         yield
 
 
+# What a run writes into its folder (train.out_dir), and the config keys a resumed run may change: how long it
+# runs and what it writes, not the trajectory of the steps both runs take.
+RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "loss.png", "samples", "eval_cache")
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+                     "train.max_bad_steps", "train.num_threads", "train.out_dir", "sample")
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    """The files of a previous run in run_dir (an empty checkpoints/ folder is none)."""
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if "checkpoints" in found and not any((run_dir / "checkpoints").iterdir()):
+        found.remove("checkpoints")
+    return found
+
+
+def _config_differences(saved: dict, cfg: Config) -> list[str]:
+    """Dotted keys whose values differ between a saved config and cfg, outside RESUME_MAY_CHANGE."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and k != "options":
+                yield from flat(v, key + ".")
+            else:
+                yield key, v
+    old, new = dict(flat(to_dict(from_dict(saved)))), dict(flat(to_dict(cfg)))
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)  # noqa: E731
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if not free(k) and old.get(k) != new.get(k)]
+
+
+def check_run_folder(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> None:
+    """One run per folder, and nothing of an earlier run mixed in or lost without being asked.
+
+    train.out_dir holding an earlier run (checkpoints, log.jsonl, config.json, ...) is refused unless the run is
+    resumed (`resume`: that folder, or one of its checkpoints, the newest; same config but for RESUME_MAY_CHANGE)
+    or `overwrite` is given, which removes the earlier run's files. A resumed checkpoint from elsewhere starts a
+    fresh folder. Raises ConfigError (or CheckpointError for a resume that does not load) naming the way out.
+    """
+    run_dir = Path(cfg.train.out_dir)
+    if resume is not None and overwrite:
+        raise ConfigError("--resume continues the run in train.out_dir and --overwrite replaces it: give one of them")
+    found = _run_files(run_dir) if run_dir.is_dir() else []
+    if resume is None:
+        if found and not overwrite:
+            ckpts = list_checkpoints(run_dir)
+            what = f"checkpoints up to {ckpts[-1].name}" if ckpts else ", ".join(found)
+            raise ConfigError(f"output folder {run_dir} already holds a run ({what}); a second run there would mix "
+                              f"with it. Train into another folder with train.out_dir=..., continue that run with "
+                              f"--resume {run_dir} (same config), or replace it with --overwrite")
+        for name in found:   # overwrite: the earlier run goes as a whole
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    ckpt = resolve_checkpoint(resume)
+    _, state = load_checkpoint(ckpt, [])
+    diff = _config_differences(state["config"], cfg)
+    if diff:
+        raise ConfigError(f"--resume {resume}: the config differs from the checkpoint's in {'; '.join(diff)}. A "
+                          f"resumed run continues the same training (only {', '.join(RESUME_MAY_CHANGE)} may change); "
+                          f"start a new run with train.out_dir=... instead")
+    if found:
+        ours = list_checkpoints(run_dir)
+        if ckpt.resolve().parent != (run_dir / "checkpoints").resolve():
+            raise ConfigError(f"--resume {resume} is not a checkpoint of {run_dir}, which holds another run: resume "
+                              f"into a new folder (train.out_dir=...), or resume {run_dir} itself")
+        newer = [p.name for p in ours if p.name > ckpt.name]
+        if newer:
+            raise ConfigError(f"--resume {ckpt} is older than {run_dir}'s newest checkpoints ({', '.join(newer)}), "
+                              f"which the resumed run would mix with: resume {run_dir} (its newest), or resume into "
+                              f"a new folder with train.out_dir=...")
+
+
 # --- the loop ---------------------------------------------------------------------------------------
-def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progress: bool = True) -> dict:
+def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progress: bool = True,
+          overwrite: bool = False) -> dict:
     """Train per `cfg`. Multi-process under `accelerate launch` or torchrun (on CPU too: gloo). The output folder
-    train.out_dir is locked for the run: a second run into it raises FolderInUseError naming it.
+    train.out_dir is locked for the run: a second run into it raises FolderInUseError naming it. A folder that
+    holds an earlier run must be resumed (`resume`, same config) or replaced (`overwrite`); see check_run_folder.
+    A run refused before it starts leaves no folder behind that it created.
 
     Returns {'run_dir', 'step', 'checkpoint' (final, or None on non-main processes), 'loss' (last logged),
     'log' (the log.jsonl of the run: step, loss, lr), 'is_main_process', 'model' (this process's trained network),
@@ -313,10 +397,18 @@ def train(cfg: Config, resume: str | Path | None = None, accelerator=None, progr
         accelerator = Accelerator(mixed_precision=tc.mixed_precision, **launch_kwargs())
         check_launch(accelerator.num_processes)
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    run_dir = Path(tc.out_dir)
+    created = not run_dir.exists()
+    check = functools.partial(check_run_folder, cfg, resume, overwrite)
     # One run per output folder; the loop seeds the global RNG per step, and the caller's state comes back after.
-    with exclusive_folder(tc.out_dir, accelerator.is_main_process, accelerator.num_processes, accelerator.device), \
-            torch.random.fork_rng(devices=cuda):
-        return _train(cfg, resume, accelerator, progress)
+    try:
+        with exclusive_folder(run_dir, accelerator.is_main_process, accelerator.num_processes, accelerator.device,
+                              check), torch.random.fork_rng(devices=cuda):
+            return _train(cfg, resume, accelerator, progress)
+    except BaseException:
+        if created and accelerator.is_main_process and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()   # refused before it wrote anything: leave no empty folder behind
+        raise
 
 
 def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
@@ -359,6 +451,7 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
         start = int(state["step"])
         if accelerator.is_main_process:
             print(f"resumed from {ckpt} at step {start}")
+            _truncate_log(run_dir / "log.jsonl", start)
     # Only the raw network is wrapped (DDP needs its forward called); the scheduler is stepped by hand so that
     # its schedule does not depend on the number of processes.
     net, optimizer = accelerator.prepare(net, optimizer)
@@ -452,6 +545,15 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
     return {"run_dir": str(run_dir), "step": tc.steps, "checkpoint": str(ckpt_path) if ckpt_path else None, "loss": last_loss,
             "log": str(log_path), "is_main_process": accelerator.is_main_process,
             "model": accelerator.unwrap_model(net), "ema": ema.state_dict()}
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop the log rows after `step` (written by the run before it was killed), which the resumed run logs again."""
+    if log_path.is_file():
+        rows = [line for line in log_path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
 
 def load_trained(path: str | Path, use_ema: bool = True, device="cpu") -> tuple[Denoiser, Config, Path]:

@@ -1,4 +1,5 @@
 """Config parsing: YAML, overrides, and errors that name the bad key or value."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_sde_and_model_options_are_checked():
-    cfg = load_config(ROOT / "configs/ring.yaml", ["sde.sigma_max=3"])
-    with pytest.raises(ConfigError, match="sde.sigma_max does not apply"):
-        build_sde(cfg.sde)
+    with pytest.raises(ConfigError, match="sde.sigma_max does not apply"):   # refused when the config loads
+        load_config(ROOT / "configs/ring.yaml", ["sde.sigma_max=3"])
+    with pytest.raises(ConfigError, match="sde.sigma_max does not apply"):   # and by build_sde, for a config built by hand
+        build_sde(dataclasses.replace(load_config(ROOT / "configs/ring.yaml").sde, sigma_max=3.0))
     cfg = load_config(ROOT / "configs/ring.yaml", ["model.options.widht=3"])
     with pytest.raises(ConfigError, match="model.options.widht"):
         build_network(cfg.model, (2,))
@@ -139,3 +141,24 @@ def test_lr_floor_and_ema_warmup_drive_the_schedules():
             net.weight.fill_(1.0)
         ema.update(net, step=0)          # decay min(0.9, 1 / warmup): shadow = (1 - decay) * 1
         assert ema.shadow["weight"].item() == pytest.approx(1 - first_decay)
+
+
+def test_switching_the_sde_by_name_drops_the_other_sdes_settings():
+    """ring.yaml sets the VP SDE's beta_min/beta_max: `sde.name=ve` on the command line replaces that SDE, so its
+    settings go with it, and the VE SDE gets its own defaults beside the overrides given."""
+    from sdekit.sde import VESDE
+
+    cfg = load_config(ROOT / "configs/ring.yaml", ["train.steps=5000", "sde.name=ve", "sde.sigma_max=10"])
+    assert (cfg.sde.name, cfg.sde.sigma_max, cfg.sde.beta_min, cfg.sde.beta_max) == ("ve", 10.0, None, None)
+    sde = build_sde(cfg.sde)
+    assert isinstance(sde, VESDE) and sde.sigma_max == 10.0 and sde.sigma_min == VESDE().sigma_min
+    # the same name as the file's keeps the file's settings; a setting given on the command line that does not
+    # apply to the new SDE is still refused, by name
+    assert load_config(ROOT / "configs/ring.yaml", ["sde.name=vp"]).sde.beta_max == 20.0
+    with pytest.raises(ConfigError, match=r"sde.beta_min does not apply to sde.name='ve'.*sde.beta_min=null"):
+        load_config(ROOT / "configs/ring.yaml", ["sde.name=ve", "sde.beta_min=0.1"])
+
+
+def test_a_config_file_given_as_an_override_suggests_config():
+    with pytest.raises(ConfigError, match="--config configs/ring.yaml"):
+        load_config(None, ["configs/ring.yaml"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._imports import pyplot, save_figure
+from .._imports import PEERS, check_extras, pyplot, save_figure
 from ..data import EXACT_MIXTURES
 from ..samplers.frontier import BUDGETS, frontier_markdown, frontier_mixture, run_frontier
 
@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
                                        "default 5,10")
     p.add_argument("--samples", type=int, help="with --run: samples per sampler (default: the held-out split's size)")
     args = p.parse_args(argv)
+    try:   # before any work: without the peers the comparison has nothing to compare with
+        if not args.no_peers:
+            check_extras("sdekit frontier (or --no-peers)", *PEERS)
+        check_extras("frontier.png", "matplotlib")
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.run:
         return _on_run(p, args)
     budgets = _budgets(p, args.nfe or ",".join(map(str, BUDGETS)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .._imports import pyplot, save_figure
+from .._imports import PEERS, check_extras, pyplot, save_figure
 from ..data import EXACT_MIXTURES
 from ..samplers.report import run_report
 from ..sde import SDES
@@ -86,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--nfe values and --batch must be >= 1, --n-samples >= 2")
     if args.peers and args.sde != "vp":
         p.error("--peers compares on the VP SDE (the peers' schedules are wired to it)")
+    try:   # before any work: the report alone takes minutes
+        if args.peers:
+            check_extras("sdekit samplers --peers", *PEERS)
+        check_extras("samplers.png", "matplotlib")
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # The oracle's work is tiny batched 2x2 algebra: thread hand-offs cost more than they save.
     torch.set_num_threads(1)
     result = run_report(args.sde, nfes, args.batch, args.n_samples, args.seed, args.mixture, progress=not args.quiet)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .._imports import pyplot
+from .._imports import check_extras, pyplot
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, load_config
 from ..training import train
@@ -31,13 +31,21 @@ def plot_loss(log_path: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sdekit train", description="Train a denoising score-matching model.")
     p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--resume", help="checkpoint folder, or run folder (its newest valid checkpoint)")
+    p.add_argument("--resume", help="continue a run: its folder (the newest valid checkpoint) or a checkpoint folder; "
+                                    "the config must be the run's own (train.steps may grow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train.out_dir holds an earlier run: remove its checkpoints, logs and samples and start afresh")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=2000")
     args = p.parse_args(argv)
+    try:   # before any work: the loss plot comes at the end of training
+        check_extras("sdekit train", "accelerate", "matplotlib")
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

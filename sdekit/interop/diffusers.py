@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._imports import PEERS_HINT
 from ..sde import SDE
 
 __all__ = ["DiscreteVPSDE", "DiffusersScore", "from_diffusers", "vp_trained_betas", "run_scheduler"]
@@ -38,7 +39,7 @@ def _require_diffusers():
     try:
         import diffusers
     except ModuleNotFoundError as e:
-        raise ImportError("sdekit.interop.diffusers needs diffusers: pip install 'sdekit[peers]'") from e
+        raise ImportError(f"sdekit.interop.diffusers needs diffusers: {PEERS_HINT}") from e
     return diffusers
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._imports import PEERS_HINT
 from ..precond import data_prediction
 from ..sde import SDE
 
@@ -35,8 +36,7 @@ def load_sampling() -> types.ModuleType:
         pass
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("sdekit.interop.kdiffusion needs k-diffusion: pip install -c constraints.txt --no-deps "
-                          "k-diffusion torchdiffeq")
+        raise ImportError(f"sdekit.interop.kdiffusion needs k-diffusion: {PEERS_HINT}")
     name = "_sdekit_k_diffusion"
     if name + ".sampling" in sys.modules:
         return sys.modules[name + ".sampling"]
