@@ -1,6 +1,9 @@
 """`sdekit sensitivity`: every method on one problem, a table, JSON of the numbers and PNG plots.
 
     sdekit sensitivity --problem gbm [--scheme reversible_heun] [--paths N] [--steps N] [--out runs/sensitivity/gbm]
+
+Under `accelerate launch` or `torchrun` the paths are shared out over the processes (whole path groups each) and
+the estimates and standard errors are those of one process; the main process alone prints and writes files.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from ..solvers import SCHEMES
 
 __all__ = ["main", "format_table"]
 
-COLUMNS = """columns of the table:
+COLUMNS = """columns of the table (several processes: the same estimates as one process; times are the slowest's):
   estimate     the method's estimate of dE[L]/dtheta_p (mean over paths, or over path groups)
   stderr       its standard error: sqrt(var/path / paths) for per-path methods; for methods that only return a
                mean gradient (adjoint, checkpoint, adjoint_torchsde) the spread of --groups group means
@@ -49,7 +52,9 @@ def format_table(result: dict, max_params: int = 4) -> str:
     kind = result.get("closed_form_kind")
     lines = [f"{result['problem']}: {result['description']}",
              f"paths={result['paths']} steps={result['steps']} ({direction}), scheme={result['scheme']} ({calculus}), "
-             f"noise={result.get('noise', 'diagonal')}, {result.get('threads', '?')} thread(s)"]
+             f"noise={result.get('noise', 'diagonal')}, {result.get('threads', '?')} thread(s)"
+             + (f" x {result['processes']} processes ({' + '.join(map(str, result['paths_per_process']))} paths)"
+                if result.get("processes", 1) > 1 else "")]
     if kind is not None:
         what = ("of this scheme's discrete chain on this grid (exact)" if kind == "discrete" else
                 "of the SDE (the continuous limit; no discrete closed form for this problem)")
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                          "timings erratic, as in the benchmarks)")
     ap.add_argument("--strong-paths", type=int, default=1000, help="paths for the strong-error plot (0: skip it)")
     ap.add_argument("--out", default=None, help="output folder (default runs/sensitivity/<problem>)")
+    ap.add_argument("--timeout", type=float, default=1800.0,
+                    help="seconds a process waits for the others at a reduction before failing (several processes)")
     args = ap.parse_args(argv)
     if (args.paths is not None and args.paths < 4) or (args.steps is not None and args.steps < 1):
         ap.error(f"need --paths >= 4 and --steps >= 1, got {args.paths}, {args.steps}")
@@ -177,13 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1").strip()
     import torch
+
+    from ..config import ConfigError
+    from ..montecarlo import processes
     torch.set_num_threads(args.threads)
     problem = make_problem(args.problem)
     try:
-        result = run(problem, args.paths, args.steps, args.scheme, args.seed, args.fd_h, args.methods, args.groups)
-    except ValueError as e:                      # e.g. a scheme that does not take the problem's noise type
+        procs = processes(timeout=args.timeout)   # one process, or one of several under accelerate launch / torchrun
+        result = run(problem, args.paths, args.steps, args.scheme, args.seed, args.fd_h, args.methods, args.groups,
+                     procs=procs)
+    except (ValueError, ConfigError) as e:       # e.g. a scheme that does not take the problem's noise type
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not procs.is_main:                        # the main process has the same numbers: it alone writes them
+        return 0
     result["discrete_bias"] = discrete_bias(problem, args.scheme, result["steps"])
     strong = (strong_errors(problem, paths=args.strong_paths)
               if problem.exact_J is not None and args.strong_paths > 0 else None)

@@ -14,20 +14,21 @@ import gc
 import math
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import adjoint, backprop, finite_diff, score_function
+from ..montecarlo import Processes, combine, combine_means, gather, share, unit_stats
 from ..solvers import SCHEMES, get_scheme
 from ..solvers.brownian_path import BrownianGrid
-from .finite_diff import fresh_noise
+from ..solvers.keyed import STREAM, STREAMS, keyed_draw, keyed_increments
+from . import adjoint, backprop, finite_diff, score_function
 from .forward import forward
 from .problems import Problem, closed_form, discrete_expectation
 
-__all__ = ["METHODS", "METHOD_HELP", "run", "strong_errors", "measure"]
+__all__ = ["METHODS", "METHOD_HELP", "run", "strong_errors", "measure", "group_bounds"]
 
 METHOD_HELP = {
     "forward": "forward-mode sensitivity J = dX/dtheta along the path (traced vmapped JVP of the step map), chain "
@@ -89,11 +90,11 @@ def measure(fn: Callable[[], Tensor]) -> tuple[Tensor, float, int]:
     return out, seconds, max(peak[0], _rss() - base)
 
 
-def _batch_means(fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], x0: Tensor, dW: Tensor, H: Tensor | None,
-                 groups: int) -> Tensor:
-    """A method that only returns a mean gradient, run on `groups` disjoint path groups: (groups, P)."""
-    idx = torch.arange(x0.shape[0]).chunk(groups)
-    return torch.stack([fn(x0[i], dW[:, i], None if H is None else H[:, i]) for i in idx])
+def _group_means(fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], x0: Tensor, dW: Tensor, H: Tensor | None,
+                 bounds: list[tuple[int, int]]) -> Tensor:
+    """A method that only returns a mean gradient, run on each of this process's path groups (local row ranges):
+    (groups, P)."""
+    return torch.stack([fn(x0[a:b], dW[:, a:b], None if H is None else H[:, a:b]) for a, b in bounds])
 
 
 def _noise_dim(problem: Problem, x0: Tensor) -> int:
@@ -103,10 +104,44 @@ def _noise_dim(problem: Problem, x0: Tensor) -> int:
         return problem.g(torch.tensor(problem.t0, dtype=x0.dtype), x0[:1], problem.theta).shape[-1]
 
 
+_FD_STREAM = 8     # keyed streams of fd_independent's fresh noise: 8 + 2 j (dW) and 9 + 2 j (Levy area) for solve j
+
+
+def _fd_independent(f, g, x0: Tensor, theta: Tensor, ts: Tensor, loss, h: float, scheme: str, noise: str,
+                    fresh: Callable[[int], tuple[Tensor, Tensor | None]]) -> Tensor:
+    """Central differences of L with independent noise for each of the 2P solves (solve j reads fresh(j)): (B, P)."""
+    from ..solvers import simulate
+
+    cols = []
+    for p in range(theta.shape[0]):
+        vals = []
+        for j, sign in ((2 * p, 1.0), (2 * p + 1, -1.0)):
+            th = theta.detach().clone()
+            th[p] += sign * h
+            w, lv = fresh(j)
+            vals.append(loss(simulate(f, g, x0, th, ts, w, scheme, noise=noise, levy_area=lv)))
+        cols.append((vals[0] - vals[1]) / (2 * h))
+    return torch.stack(cols, -1)
+
+
+def group_bounds(paths: int, groups: int) -> list[tuple[int, int]]:
+    """The global path groups [(start, stop), ...]: `groups` contiguous runs whose sizes differ by at most one."""
+    return [(j * paths // groups, (j + 1) * paths // groups) for j in range(groups)]
+
+
 def run(problem: Problem, paths: int | None = None, steps: int | None = None, scheme: str = "euler", seed: int = 0,
-        fd_h: float = 1e-3, methods: list[str] | None = None, groups: int = 20, progress: bool = True) -> dict:
+        fd_h: float = 1e-3, methods: list[str] | None = None, groups: int = 20, progress: bool = True,
+        procs: Processes | None = None) -> dict:
     """Every method on the problem; returns a dict of plain numbers (JSON-ready). paths/steps default to the
-    problem's own (`Problem.paths`, `Problem.steps`)."""
+    problem's own (`Problem.paths`, `Problem.steps`).
+
+    The noise (x0 where random, dW, Levy areas, fd_independent's fresh noise) is keyed by path
+    (`sdekit.solvers.keyed`), and the paths are cut into `groups` groups; under several processes (procs, from
+    `sdekit.montecarlo.processes()`) each process runs whole groups and the per-group float64 statistics are
+    combined exactly, so estimates, standard errors and per-path variances are those of one process (to round-off)
+    on every process. Times and memory are the slowest process's (`seconds_per_process` has each one's).
+    """
+    procs = Processes() if procs is None else procs
     methods = METHODS if methods is None else methods
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -117,16 +152,30 @@ def run(problem: Problem, paths: int | None = None, steps: int | None = None, sc
     steps = problem.steps if steps is None else steps
     if paths < 2 * groups:
         groups = max(2, paths // 2)
-    gen = torch.Generator().manual_seed(seed)
-    x0 = problem.x0(paths, gen)
+    if groups < procs.world:
+        raise ValueError(f"{groups} path groups for {procs.world} processes: each process runs whole groups; "
+                         f"pass groups (--groups) >= {procs.world} (and paths >= 2 x groups)")
+    bounds = group_bounds(paths, groups)
+    mine = list(share(groups, procs.rank, procs.world))
+    lo, hi = bounds[mine[0]][0], bounds[mine[-1]][1]
+    local_bounds = [(a - lo, b - lo) for a, b in (bounds[j] for j in mine)]
     ts = problem.ts(steps)
+    x0 = keyed_draw(lambda n, gen: problem.x0(n, gen), lo, hi, seed, stream=STREAM["x0"])
+    t = ts.to(x0.dtype)
     m = _noise_dim(problem, x0)
-    dW, H = fresh_noise(ts, (paths, m), sch.needs_levy_area, gen, x0.dtype)
+    noise_in = keyed_increments(t, lo, hi, m, seed, levy_area=sch.needs_levy_area)
+    dW, H = noise_in if sch.needs_levy_area else (noise_in, None)
     f, g, theta, loss, noise = problem.drift(scheme), problem.g, problem.theta, problem.loss, problem.noise
     kw = dict(noise=noise, levy_area=H)
     increasing = bool(ts[-1] > ts[0])
-    fd_gen = torch.Generator().manual_seed(seed + 1)
     chunk = max(1, 200_000 // steps)                        # backprop's vmap chunk: tape of at most ~2e5 path-steps
+
+    def fresh(j: int):
+        if _FD_STREAM + 2 * j + 1 >= STREAMS:
+            raise ValueError(f"fd_independent draws 2 P = {2 * theta.shape[0]} noise streams; at most "
+                             f"{(STREAMS - _FD_STREAM) // 2} keyed streams are available")
+        w = keyed_increments(t, lo, hi, m, seed, levy_area=sch.needs_levy_area, stream=_FD_STREAM + 2 * j)
+        return w if sch.needs_levy_area else (w, None)
 
     def forward_est():
         x, J = forward(f, g, x0, theta, ts, dW, scheme, save="end", **kw)
@@ -134,8 +183,10 @@ def run(problem: Problem, paths: int | None = None, steps: int | None = None, sc
         return torch.einsum("bd,bdp->bp", dL, J)
 
     def means(backend):
-        return lambda: _batch_means(lambda a, w, h_: adjoint.mean_gradient(f, g, a, theta, ts, w, loss, scheme, noise=noise,
-                                                                           levy_area=h_, backend=backend), x0, dW, H, groups)
+        def one(a, w, h_):
+            return adjoint.mean_gradient(f, g, a, theta, ts, w, loss, scheme, noise=noise, levy_area=h_,
+                                         backend=backend)
+        return lambda: _group_means(one, x0, dW, H, local_bounds)
 
     sf_skip = ("needs scheme=euler (the Euler chain's Gaussian transition density)" if scheme != "euler" else
                "the problem has no drift-only parameters" if not problem.drift_params else None)
@@ -153,8 +204,8 @@ def run(problem: Problem, paths: int | None = None, steps: int | None = None, sc
         else "torchsde replays given increments without Levy areas, which srk needs",
         "diffrax": ((lambda: _diffrax(problem, x0, theta, ts, dW, scheme)), "per-path") if diffrax_skip is None else diffrax_skip,
         "fd_crn": ((lambda: finite_diff.path_gradients(f, g, x0, theta, ts, dW, loss, fd_h, scheme, **kw)), "per-path"),
-        "fd_independent": ((lambda: finite_diff.path_gradients(f, g, x0, theta, ts, dW, loss, fd_h, scheme, crn=False,
-                                                               generator=fd_gen, noise=noise)), "per-path"),
+        "fd_independent": ((lambda: _fd_independent(f, g, x0, theta, ts, loss, fd_h, scheme, noise, fresh)),
+                           "per-path"),
         "score_function": ((lambda: score_function.path_gradients(f, g, x0, theta, ts, dW, loss, noise=noise)), "per-path")
         if sf_skip is None else sf_skip,
         "score_function_baseline": ((lambda: score_function.path_gradients(f, g, x0, theta, ts, dW, loss, baseline=True,
@@ -164,21 +215,25 @@ def run(problem: Problem, paths: int | None = None, steps: int | None = None, sc
     cf = closed_form(problem, scheme, ts)
     continuous = problem.exact_grad(theta).tolist() if problem.exact_grad is not None else None
     reference = None if cf is None else cf[1].double()
+    counts = [b - a for a, b in bounds]
     out = {"problem": problem.name, "description": problem.description, "paths": paths, "steps": steps,
            "scheme": scheme, "sde_type": sch.sde_type, "noise": noise, "reverse_time": problem.reverse_time,
            "t0": problem.t0, "t1": problem.t1, "seed": seed, "fd_h": fd_h, "groups": groups,
+           "processes": procs.world,
+           "paths_per_process": [sum(counts[j] for j in share(groups, r, procs.world)) for r in range(procs.world)],
            "param_names": problem.param_names, "theta": theta.tolist(),
            "closed_form_kind": None if cf is None else cf[0], "closed_form": None if cf is None else cf[1].tolist(),
            "continuous_limit": continuous,
            "exact": None if cf is None else cf[1].tolist(),
            "memory": "peak RSS increase of the warm call (/proc/self/statm, 2 ms sampling)",
            "threads": torch.get_num_threads(), "methods": {}}
-    for name in tqdm(methods, desc=f"sensitivity {problem.name}", disable=not progress):
+    for name in tqdm(methods, desc=f"sensitivity {problem.name}", disable=not (progress and procs.is_main)):
         spec = runners[name]
         if isinstance(spec, str):
             out["methods"][name] = {"skipped": spec}
             continue
         fn, kind = spec
+        local: dict = {}
         try:
             if name in _COMPILES_EVERY_CALL:                         # no warm call to be had: one call, no one-off column
                 est, seconds, mem = measure(fn)
@@ -186,18 +241,28 @@ def run(problem: Problem, paths: int | None = None, steps: int | None = None, sc
             else:
                 _, cold, _ = measure(fn)                            # first call: includes tracing / compiling
                 est, seconds, mem = measure(fn)                     # warm call: what a repeated solve costs
+            est = est.double()
+            local = {"seconds": seconds, "one_off": None if cold is None else max(0.0, cold - seconds), "mem": mem,
+                     "stats": ([unit_stats(est[a:b]) for a, b in local_bounds] if kind == "per-path" else est.cpu())}
         except (ValueError, ImportError, NotImplementedError, RuntimeError) as err:
-            out["methods"][name] = {"skipped": f"{type(err).__name__}: {err}"[:400]}
+            local = {"error": f"{type(err).__name__}: {err}"[:400]}
+        parts = gather(local, procs)                                # every process, in rank (= group) order
+        failed = [p["error"] for p in parts if "error" in p]
+        if failed:
+            out["methods"][name] = {"skipped": failed[0]}
             continue
-        est = est.double()
-        n = est.shape[0]
-        mean, var = est.mean(0), est.var(0)
-        if kind == "group-means":               # variance of one group mean, scaled to one path
-            per_path_var, se = var * (paths / n), (var / n).sqrt()
+        if kind == "group-means":               # the spread of the group means, scaled to one path
+            n, mean, per_path_var = combine_means(counts, torch.cat([p["stats"] for p in parts]))
         else:
-            per_path_var, se = var, (var / n).sqrt()
+            n, mean, per_path_var = combine([s for p in parts for s in p["stats"]])
+        se = (per_path_var / n).sqrt()
+        one_offs = [p["one_off"] for p in parts]
         row = {"estimate": mean.tolist(), "stderr": se.tolist(), "per_path_variance": per_path_var.tolist(),
-               "seconds": seconds, "one_off_seconds": None if cold is None else max(0.0, cold - seconds), "peak_bytes": mem, "variance_from": kind}
+               "seconds": max(p["seconds"] for p in parts),
+               "one_off_seconds": None if one_offs[0] is None else max(one_offs),
+               "peak_bytes": max(p["mem"] for p in parts), "variance_from": kind}
+        if procs.world > 1:
+            row["seconds_per_process"] = [p["seconds"] for p in parts]
         if reference is not None:
             err = mean - reference
             row["error"] = err.tolist()
