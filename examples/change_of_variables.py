@@ -152,8 +152,10 @@ def plot(res: dict, path: Path) -> None:
     s = torch.sqrt((A @ A.T)[0, 0])
     y = torch.atanh(g)
     normal = torch.exp(-0.5 * ((y - B[0]) / s) ** 2) / (s * math.sqrt(2 * math.pi))
-    ax[1].plot(g, normal / (1 - g ** 2), "C1", label="p(x1): N(atanh x1) / (1 - x1^2)")
-    ax[1].plot(g, normal, "C3--", label="without the Jacobian 1 / (1 - x1^2)")
+    # the legend spells the change of variables out: the normal density of y = atanh x1, times |dy/dx1|
+    ax[1].plot(g, normal / (1 - g ** 2), "C1",
+               label=r"$p(x_1) = \mathcal{N}(\mathrm{atanh}\,x_1;\ b_1, s^2) \cdot \frac{1}{1 - x_1^2}$")
+    ax[1].plot(g, normal, "C3--", label=r"$\mathcal{N}(\mathrm{atanh}\,x_1;\ b_1, s^2)$ alone: Jacobian left out")
     c = res["chi_square"]
     ax[1].set(title=f"marginal of x1 (2-D chi-square p = {c['p_value']:.2f}, KS p = {res['ks'][0]['p_value']:.2f})",
               xlabel="x1")

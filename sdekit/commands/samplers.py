@@ -18,6 +18,7 @@ from .._imports import PEERS, check_extras, pyplot, save_figure
 from ..data import EXACT_MIXTURES
 from ..samplers.report import run_report
 from ..sde import SDES
+from ._style import series_styles
 
 __all__ = ["main", "markdown", "plot"]
 
@@ -41,20 +42,19 @@ def markdown(result: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     plt = pyplot("samplers.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     for ax, kind in zip(axes, ("deterministic", "stochastic")):
         labels = list(dict.fromkeys(r["label"] for r in result["rows"] if r["kind"] == kind))
-        for label in labels:
+        for label, style in zip(labels, series_styles(len(labels))):   # one look per sampler, however many
             rs = [r for r in result["rows"] if r["label"] == label]
-            ax.loglog([r["nfe"] for r in rs], [r["error"] for r in rs], "o-", label=label, ms=3)
+            ax.loglog([r["nfe"] for r in rs], [r["error"] for r in rs], label=label, **style)
         if kind == "stochastic":
             ax.axhline(result["sw_noise_floor"], color="gray", ls="--", label="exact vs exact")
         ax.set_xlabel("NFE")
         ax.set_ylabel("RMS error vs float64 rk45 reference" if kind == "deterministic" else "sliced Wasserstein to mixture")
         ax.set_title(kind)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the axes, over no line
     save_figure(fig, path)
 
 

@@ -18,6 +18,7 @@ from .._imports import pyplot
 from ..sensitivity.compare import METHOD_HELP, METHODS, discrete_bias, run, strong_errors
 from ..sensitivity.problems import PROBLEMS, make_problem
 from ..solvers import SCHEMES
+from ._style import log_limits, series_styles
 
 __all__ = ["main", "format_table"]
 
@@ -101,8 +102,9 @@ def _plots(result: dict, strong: dict | None, out: Path) -> None:
 
     if strong is not None:
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for scheme in _strong_schemes(strong):
-            ax.loglog(strong["h"], strong[scheme]["errors"], "o-",
+        schemes = _strong_schemes(strong)
+        for scheme, style in zip(schemes, series_styles(len(schemes))):   # equal errors still show both lines
+            ax.loglog(strong["h"], strong[scheme]["errors"], **style,
                       label=f"{scheme}: slope {strong[scheme]['slope']:.2f} (order {strong[scheme]['order']})")
         ax.set_xlabel("step size h")
         ax.set_ylabel("mean |J_h(T) - J(T)|")
@@ -123,15 +125,18 @@ def _plots(result: dict, strong: dict | None, out: Path) -> None:
     axes[0].set_yscale("log")
     axes[0].set_ylabel("per-path variance of the estimator")
     axes[0].set_title(f"estimator variance, {result['problem']} (fd h={result['fd_h']})")
-    axes[0].legend()
+    axes[0].set_ylim(*log_limits([v for m in rows for v in rows[m]["per_path_variance"][:len(names)]]))
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)   # beside the bars, not on them
     axes[1].bar(list(rows), [rows[m]["seconds"] for m in rows], label="warm")
     axes[1].bar(list(rows), [rows[m]["one_off_seconds"] or 0.0 for m in rows], bottom=[rows[m]["seconds"] for m in rows],
                 label="one-off (trace / compile)")
-    axes[1].set_yscale("log")
+    axes[1].set_yscale("log")   # the limits hold the smallest warm time and the tallest stacked bar
+    axes[1].set_ylim(*log_limits([rows[m]["seconds"] for m in rows]
+                                 + [rows[m]["seconds"] + (rows[m]["one_off_seconds"] or 0.0) for m in rows]))
     axes[1].set_ylabel("seconds")
     axes[1].set_title(f"time, {result['paths']} paths x {result['steps']} steps, scheme {result['scheme']}")
     axes[1].tick_params(axis="x", rotation=30)
-    axes[1].legend()
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)   # beside the bars, not on them
     fig.tight_layout()
     fig.savefig(out / "variance.png", dpi=120)
     plt.close(fig)
