@@ -16,9 +16,12 @@ backend="native" (default)
     (traced, like the reversible adjoint's). Memory O(checkpoints + N / checkpoints) states and no tape, O(sqrt(N))
     by default; time: two primal solves plus one VJP per step. Pass `checkpoints=` to trade memory for time.
 backend="checkpoint": checkpointed backprop for any scheme (reversible_heun too).
-backend="torchsde": `torchsde.sdeint_adjoint` on the same Brownian increments (via `sdekit.interop.torchsde`), which
-  solves the continuous adjoint SDE backwards with its own discretisation, so its gradient matches backprop only up
-  to discretisation error (O(h^{1/2}) for Euler on multiplicative noise). Reverse-time grids are solved in s = -t.
+backend="torchsde": `torchsde.sdeint_adjoint` on the same Brownian increments (via `sdekit.interop.torchsde`), with
+  every grid point (uniform or not) a step end, as in sdekit's solve (one call in integer time on a uniform grid, one
+  call per interval chained by autograd otherwise). torchsde solves the continuous adjoint SDE backwards with its
+  own discretisation, so the gradient matches backprop up to that discretisation error, which shrinks with the step;
+  reversible_heun with adjoint_reversible_heun is algebraically reversible and matches backprop to round-off.
+  Reverse-time grids are solved in s = -t.
 """
 from __future__ import annotations
 
@@ -188,17 +191,21 @@ _TORCHSDE_METHODS = {"euler": "euler", "milstein": "milstein", "srk": "srk", "eu
 
 
 class _SDE(nn.Module):
-    def __init__(self, f: Field, g: Field, theta: Tensor, noise: str, sde_type: str, sign: float):
+    """(f, g, theta) as a torchsde SDE in a time u with t = t0 + rate * u (dt = rate du; rate < 0 on reverse-time
+    grids): drift rate * f, diffusion |rate|^(1/2) g, driven by B(u) = W(t) / |rate|^(1/2), a standard Brownian
+    motion in u (Ito corrections and Milstein's dB^2 - du hold in u as torchsde writes them)."""
+
+    def __init__(self, f: Field, g: Field, theta: Tensor, noise: str, sde_type: str, t0: float, rate: float):
         super().__init__()
-        self.f_, self.g_, self.sign = f, g, sign
+        self.f_, self.g_, self.t0, self.rate = f, g, t0, rate
         self.noise_type, self.sde_type = noise, sde_type
         self.theta = nn.Parameter(theta.detach().clone())
 
-    def f(self, s, y):                       # in s = sign * t (s = -t on reverse-time grids): ds = sign dt
-        return self.sign * self.f_(self.sign * s, y, self.theta)
+    def f(self, u, y):
+        return self.rate * self.f_(self.t0 + self.rate * u, y, self.theta)
 
-    def g(self, s, y):
-        return self.g_(self.sign * s, y, self.theta)
+    def g(self, u, y):
+        return abs(self.rate) ** 0.5 * self.g_(self.t0 + self.rate * u, y, self.theta)
 
 
 def _torchsde(f, g, x0, theta, ts, dW, loss, scheme, noise, levy_area, bm, wrt, adjoint_method):
@@ -206,18 +213,41 @@ def _torchsde(f, g, x0, theta, ts, dW, loss, scheme, noise, levy_area, bm, wrt, 
     if levy_area is not None or get_scheme(scheme).needs_levy_area:
         raise ValueError(f"backend='torchsde' replays given increments, which carry no Levy area; scheme {scheme!r} "
                          "needs it (use backend='native')")
-    dW, _ = increments(f, g, x0, theta, ts, dW, scheme, noise=noise, bm=bm)
-    sign = 1.0 if bool(ts[-1] > ts[0]) else -1.0
-    s = sign * ts                            # increasing; the reverse-time increments dW are those of W(s)
-    sde = _SDE(f, g, theta, noise, get_scheme(scheme).sde_type, sign)
-    path = GridBrownian(s.contiguous(), dW)
-    dt = float((s[1:] - s[:-1]).min())
     method = _TORCHSDE_METHODS[scheme]
     if adjoint_method is None:
         adjoint_method = "adjoint_reversible_heun" if scheme == "reversible_heun" else method
+    if scheme == "reversible_heun" and adjoint_method != "adjoint_reversible_heun":
+        # torchsde then drops the gradient carried by the solver's extra state (z, f(z), g(z)) between grid points
+        raise ValueError(f"scheme 'reversible_heun' with backend='torchsde' needs adjoint_method="
+                         f"'adjoint_reversible_heun', got {adjoint_method!r}")
+    dW, _ = increments(f, g, x0, theta, ts, dW, scheme, noise=noise, bm=bm)
+    sde_type, N = get_scheme(scheme).sde_type, ts.shape[0] - 1
     x = x0.detach().clone().requires_grad_(wrt != "theta")
-    ys = torchsde.sdeint_adjoint(sde, x, s[[0, -1]], bm=path, dt=dt, method=method, adjoint_method=adjoint_method,
-                                 adjoint_params=(sde.theta,) if wrt == "theta" else (sde.theta, x))
+    kw = dict(method=method, adjoint_method=adjoint_method)
+    # torchsde's fixed-step loop adds dt to the time until it passes the next output time and interpolates back, so
+    # sdekit's grid reaches it exactly only as a grid of integers (exact sums): a uniform grid is solved in one call
+    # in u = n (t = ts[0] + u h); any other grid one interval per call (dt a hair over the interval: one step each
+    # way), chained by autograd with the solver's extra state passed on.
+    n = torch.arange(N + 1, dtype=torch.float64, device=ts.device)
+    t64 = ts.detach().double()
+    rate = float(t64[-1] - t64[0]) / N
+    if (t64 - (t64[0] + rate * n)).abs().max() <= 8 * torch.finfo(ts.dtype).eps * t64.abs().max():
+        sde = _SDE(f, g, theta, noise, sde_type, float(t64[0]), rate)
+        u = n.to(ts.dtype)
+        path = GridBrownian(u, dW / abs(rate) ** 0.5, strict=True)
+        y = torchsde.sdeint_adjoint(sde, x, u[[0, -1]], bm=path, dt=1.0,
+                                    adjoint_params=(sde.theta,), **kw)[-1]
+    else:
+        sign = 1.0 if bool(ts[-1] > ts[0]) else -1.0
+        sde = _SDE(f, g, theta, noise, sde_type, 0.0, sign)
+        u = (sign * ts).contiguous()         # increasing; the reverse-time increments dW are those of W(u)
+        path = GridBrownian(u, dW, strict=True)
+        y, extra = x, None
+        for i in range(N):
+            dt = float(u[i + 1].double() - u[i].double()) * (1 + 1e-6)
+            ys, extra = torchsde.sdeint_adjoint(sde, y, u[i:i + 2], bm=path, dt=dt, adjoint_params=(sde.theta,),
+                                                extra=True, extra_solver_state=extra, **kw)
+            y = ys[-1]
     inputs = {"theta": (sde.theta,), "x0": (x,), "both": (sde.theta, x)}[wrt]
-    grads = tuple(v.detach() for v in torch.autograd.grad(loss(ys[-1]).mean(), inputs))
+    grads = tuple(v.detach() for v in torch.autograd.grad(loss(y).mean(), inputs))
     return grads if wrt == "both" else grads[0]
