@@ -444,15 +444,40 @@ def ito_correction(g: Field, noise: str = "diagonal") -> Field:
 
         def c(t, x, th):
             b = col(t, x, th)
-            return 0.5 * torch.func.jvp(lambda y: col(t, y, th), (x,), (b,))[1]
+            return 0.5 * torch.func.jvp(lambda y: col(t, y, th), (x.contiguous(),), (b,))[1]   # (an expanded x: no tangent)
         return c
 
     def c_general(t, x, th):
         G = g(t, x, th)                                                        # (B, d, m)
-        jvp = lambda v: torch.func.jvp(lambda y: g(t, y, th), (x,), (v,))[1]  # noqa: E731  (B, d, m)
+        jvp = lambda v: torch.func.jvp(lambda y: g(t, y, th), (x.contiguous(),), (v,))[1]  # noqa: E731  (B, d, m)
         D = torch.func.vmap(jvp)(G.movedim(-1, 0))                             # (m, B, d, m): D[j] = (dg/dx) g_j
         return 0.5 * D.diagonal(dim1=0, dim2=-1).sum(-1)                       # sum_j D[j][..., j]
     return c_general
+
+
+def _diagonal_checked(c: Field, g: Field, noise: str, name: str) -> Field:
+    """c with the diagonal-noise contract of g checked at the first call outside a functorch transform (as Milstein
+    checks it at x0): the diagonal correction 1/2 g_i dg_i/dx_i is taken as the JVP (dg/dx) g, which adds
+    sum_{k != i} g_k dg_i/dx_k where g_i reads other components, converging to a wrong Ito solution."""
+    if noise != "diagonal":
+        return c
+    checked = False
+
+    def checked_c(t, x, th):
+        nonlocal checked
+        if not checked and not _transformed():
+            p = th.detach() if isinstance(th, Tensor) else th
+            try:                                   # t and theta passed through as given (either may be None)
+                check_diagonal_noise(lambda _t, y, _p: g(t, y, p), x.new_zeros(()), x, x.new_zeros(0), name)
+            except ValueError as err:
+                raise ValueError(
+                    f"{name}(f, g, 'diagonal') needs g_i(t, x, theta) to depend on x_i only (the correction is "
+                    "1/2 g_i dg_i/dx_i), but g_i changes with other components of x. Use "
+                    f"{name}(f, G, 'general') with G(t, x, theta) = torch.diag_embed(g(t, x, theta)) (B, d, d) and "
+                    "noise='general', or solve the Ito SDE with 'euler', which needs no correction.") from err
+            checked = True
+        return c(t, x, th)
+    return checked_c
 
 
 def ito_to_stratonovich(f: Field, g: Field, noise: str = "diagonal") -> Field:
@@ -460,20 +485,23 @@ def ito_to_stratonovich(f: Field, g: Field, noise: str = "diagonal") -> Field:
 
     For increasing grids. On a decreasing grid the correction enters with the other sign (module docstring):
     a Stratonovich scheme solving the reverse-time Ito SDE takes `stratonovich_to_ito(f, g, noise)`.
+    noise="diagonal" needs g_i to read x_i only: the first call (outside vmap/grad) checks it at its x, like
+    Milstein's check at x0, and raises ValueError naming noise="general" with diag(g) as the way for any other g.
     """
     if noise == "additive":
         ito_correction(g, noise)
         return f
-    c = ito_correction(g, noise)
+    c = _diagonal_checked(ito_correction(g, noise), g, noise, "ito_to_stratonovich")
     return lambda t, x, th: f(t, x, th) - c(t, x, th)
 
 
 def stratonovich_to_ito(f: Field, g: Field, noise: str = "diagonal") -> Field:
-    """The Ito drift of the Stratonovich SDE dX = f dt + g o dW: f + 1/2 sum_{j,k} g_kj d_k g_ij."""
+    """The Ito drift of the Stratonovich SDE dX = f dt + g o dW: f + 1/2 sum_{j,k} g_kj d_k g_ij (diagonal noise: g_i
+    must read x_i only, checked as in `ito_to_stratonovich`)."""
     if noise == "additive":
         ito_correction(g, noise)
         return f
-    c = ito_correction(g, noise)
+    c = _diagonal_checked(ito_correction(g, noise), g, noise, "stratonovich_to_ito")
     return lambda t, x, th: f(t, x, th) + c(t, x, th)
 
 
@@ -544,28 +572,28 @@ def check_inputs(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: 
     if len(dtypes) != 1:
         raise TypeError("x0, theta, ts, dW and levy_area must share one dtype, got "
                         + ", ".join(f"{k} {None if v is None else v.dtype}" for k, v in tensors.items()))
-    with torch.no_grad():
-        out = f(ts[0], x0[:1], theta)
-        if not isinstance(out, Tensor) or out.shape != x0[:1].shape:
+    with torch.no_grad():              # on the whole batch: a field may read per-path tensors (B, d) beside x
+        out = f(ts[0], x0, theta)
+        if not isinstance(out, Tensor) or out.shape != x0.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"f(t, x, theta) must return x's shape (B, d); for x of shape {tuple(x0[:1].shape)} it "
+            raise ValueError(f"f(t, x, theta) must return x's shape (B, d); for x of shape {tuple(x0.shape)} it "
                              f"returned {got}")
-        gout = g(ts[0], x0[:1], theta)
+        gout = g(ts[0], x0, theta)
     got = tuple(gout.shape) if isinstance(gout, Tensor) else type(gout).__name__
     if noise == "diagonal":
-        if not isinstance(gout, Tensor) or gout.shape != (1, d):
+        if not isinstance(gout, Tensor) or gout.shape != (B, d):
             hint = (" (a (B, d, m) g is noise='general', or 'additive' if it does not depend on x, or 'scalar' if m = 1)"
                     if isinstance(gout, Tensor) and gout.ndim == 3 else "")
             raise ValueError(f"g(t, x, theta) must return (B, d) for noise='diagonal' ({_noise_shape_text(noise)}); "
-                             f"for x of shape {(1, d)} it returned {got}{hint}")
+                             f"for x of shape {(B, d)} it returned {got}{hint}")
         m = d
     else:
         want = "(B, d, 1)" if noise == "scalar" else "(B, d, m)"
-        if (not isinstance(gout, Tensor) or gout.ndim != 3 or gout.shape[:2] != (1, d)
+        if (not isinstance(gout, Tensor) or gout.ndim != 3 or gout.shape[:2] != (B, d)
                 or (noise == "scalar" and gout.shape[2] != 1)):
-            hint = " (a (B, d) g is noise='diagonal')" if isinstance(gout, Tensor) and gout.shape == (1, d) else ""
+            hint = " (a (B, d) g is noise='diagonal')" if isinstance(gout, Tensor) and gout.shape == (B, d) else ""
             raise ValueError(f"g(t, x, theta) must return {want} for noise={noise!r} ({_noise_shape_text(noise)}); "
-                             f"for x of shape {(1, d)} it returned {got}{hint}")
+                             f"for x of shape {(B, d)} it returned {got}{hint}")
         m = gout.shape[2]
     for name, v in (("dW", dW), ("levy_area", levy_area)):
         if v is not None and v.shape != (N, B, m):
@@ -595,15 +623,16 @@ def _directions(x: Tensor) -> tuple[Tensor, Tensor]:
     return u, w
 
 
-def check_diagonal_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme: str, samples: int = 4) -> None:
-    """Raise ValueError unless g_i(t, x, theta) depends on x_i only, at the first `samples` rows of x0.
+def check_diagonal_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme: str) -> None:
+    """Raise ValueError unless g_i(t, x, theta) depends on x_i only, at every row of x0 (the whole batch: g may read
+    per-path tensors beside x).
 
     The Jacobian dg/dx is diagonal exactly when its products with any two directions u, w satisfy
     (J u) w = (J w) u elementwise, so two JVPs test it whatever d is.
     """
     if _transformed():
         return
-    x = x0[:samples].detach()
+    x = x0.detach().contiguous()       # an expanded x0 (one row for all paths) cannot carry a tangent
     th = theta.detach()
     u, w = _directions(x)
     field_ = lambda y: g(t.detach(), y, th)                # noqa: E731
@@ -620,11 +649,11 @@ def check_diagonal_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme:
             "such a g with noise='diagonal'.")
 
 
-def check_additive_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme: str, samples: int = 4) -> None:
-    """Raise ValueError unless g(t, x, theta) does not depend on x (two JVPs at the first `samples` rows of x0)."""
+def check_additive_noise(g: Field, t: Tensor, x0: Tensor, theta: Tensor, scheme: str) -> None:
+    """Raise ValueError unless g(t, x, theta) does not depend on x (two JVPs at every row of x0)."""
     if _transformed():
         return
-    x = x0[:samples].detach()
+    x = x0.detach().contiguous()       # an expanded x0 (one row for all paths) cannot carry a tangent
     th = theta.detach()
     field_ = lambda y: g(t.detach(), y, th)                # noqa: E731
     gx = field_(x)
