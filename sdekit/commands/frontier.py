@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="a trained digits run (or checkpoint): compare on it by solver error and FD, budgets "
                                        "default 5,10")
     p.add_argument("--samples", type=int, help="with --run: samples per sampler (default: the held-out split's size)")
-    p.add_argument("--family", type=int, nargs="?", const=10, metavar="SIZE",
+    p.add_argument("--family", type=int, nargs="?", const=0, metavar="SIZE",
                    help="the frontier on SIZE random exact mixtures (default 10) under VP, VE and EDM: median and worst "
                         "ratio to the best peer per budget")
     p.add_argument("--family-seed", type=int, help="with --family: the family's seed (default: a fresh one from "
@@ -97,7 +97,7 @@ def _on_family(p: argparse.ArgumentParser, args) -> int:
     from ..samplers.family import family_markdown, fresh_family_seed, run_family
 
     budgets = _budgets(p, args.nfe or ",".join(map(str, BUDGETS)))
-    size = 4 if args.quick and args.family is None else (args.family or 10)
+    size = args.family or (4 if args.quick else 10)          # --family without SIZE: 10, or 4 with --quick
     if size < 1:
         p.error(f"--family needs at least one target, got {size}")
     sdes = tuple(s.strip() for s in args.sde.split(",") if s.strip())
