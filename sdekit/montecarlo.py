@@ -80,10 +80,12 @@ def gather(obj, procs: Processes) -> list:
 
     out: list = [None] * procs.world
     try:
+        if dist.get_backend() == "gloo":      # the main process learns which ranks did not arrive, and says so
+            dist.monitored_barrier(wait_all_ranks=True)
         dist.all_gather_object(out, obj)
     except RuntimeError as err:          # gloo: connection closed by the peer; NCCL: the timeout (DistBackendError)
-        raise RuntimeError(f"process {procs.rank} of {procs.world}: a peer process stopped or stopped answering during "
-                           f"the Monte Carlo reduction (the launcher's report names the failed rank): {err}") from err
+        raise RuntimeError(f"process {procs.rank} of {procs.world}: lost a peer at the Monte Carlo reduction (a process "
+                           f"was killed, failed or hangs; the main process and the launcher name it): {err}") from err
     return out
 
 

@@ -35,8 +35,9 @@ def problems_run(procs, kill_rank=None) -> dict:
     out = {"rank": procs.rank, "world": procs.world}
     out["mean"] = montecarlo.mean(values, 5000, batch=500, procs=procs).to_dict()
     out["ranges"] = ranges
-    out["expectation"] = montecarlo.expectation(gbm.f, gbm.g, torch.ones(1, dtype=torch.float64), gbm.theta, ts, gbm.loss,
-                                                3000, seed=1, batch=256, procs=procs).to_dict()
+    x0 = torch.ones(1, dtype=torch.float64)
+    out["expectation"] = montecarlo.expectation(gbm.f, gbm.g, x0, gbm.theta, ts, gbm.loss, 3000, seed=1, batch=256,
+                                                procs=procs).to_dict()
     dg = make_problem("diffusion")
     out["gradient"] = montecarlo.gradient(dg.f, dg.g, lambda n, gen: dg.x0(n, gen), dg.theta, dg.ts(10), dg.loss, 2000,
                                           method="forward", seed=2, batch=300, procs=procs).to_dict()
