@@ -81,3 +81,53 @@ def test_torchsde_backend_refuses_reversible_heun_with_another_adjoint_method():
     with pytest.raises(ValueError, match="adjoint_reversible_heun"):
         adjoint.mean_gradient(pb.f, pb.g, x0, pb.theta, ts, dW, pb.loss, "reversible_heun", backend="torchsde",
                               adjoint_method="midpoint")
+
+
+# --- Ito <-> Stratonovich with diagonal noise: g_i must read x_i only ------------------------------------------------
+def _cross_coupled():
+    """dX = th0 X dt + g(X) dW (Ito, diagonal noise) with g_i = th1 (1 + sin(x_i + x_j)/2), j the other component:
+    g_i reads x_j, so the diagonal correction 1/2 g_i dg_i/dx_i is not the JVP (dg/dx) g."""
+    f = lambda t, x, th: th[0] * x                                            # noqa: E731
+    g = lambda t, x, th: th[1] * (1 + 0.5 * torch.sin(x.flip(-1) + x))        # noqa: E731
+    return f, g, torch.tensor([-0.5, 0.6], dtype=torch.float64)
+
+
+def test_ito_to_stratonovich_refuses_a_diagonal_g_that_reads_other_components():
+    from sdekit import simulate
+    from sdekit.solvers import ito_to_stratonovich, stratonovich_to_ito
+    f, g, th = _cross_coupled()
+    ts = torch.linspace(0, 1, 9, dtype=torch.float64)
+    x0 = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dW = brownian_increments(ts, (6, 2), torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"depend on x_i only.*'general'.*diag_embed.*'euler'"):
+        simulate(ito_to_stratonovich(f, g, "diagonal"), g, x0, th, ts, dW, "heun")
+    with pytest.raises(ValueError, match=r"stratonovich_to_ito\(f, G, 'general'\)"):
+        stratonovich_to_ito(f, g)(ts[0], x0, th)
+    # a g that keeps the contract is accepted, with the textbook correction: g_i = th1 x_i (1 + x_i^2 / 2) gives
+    # 1/2 g_i dg_i/dx_i = 1/2 th1^2 x_i (1 + x_i^2/2)(1 + 3 x_i^2/2)
+    g_ok = lambda t, x, th: th[1] * x * (1 + 0.5 * x**2)                    # noqa: E731
+    want = th[0] * x0 - 0.5 * th[1] ** 2 * x0 * (1 + 0.5 * x0**2) * (1 + 1.5 * x0**2)
+    torch.testing.assert_close(ito_to_stratonovich(f, g_ok)(ts[0], x0, th), want)
+
+
+def test_the_general_form_the_error_names_converges_to_the_ito_solution():
+    """What the error recommends, G = diag(g) with noise='general', gives a Stratonovich drift whose Heun solution
+    converges pathwise to the Ito solution (Euler on a 64x finer grid, same Brownian path); the JVP-based diagonal
+    correction that used to be taken stays at a fixed distance (measured rms 0.07 at every N)."""
+    from sdekit import simulate
+    from sdekit.solvers import ito_to_stratonovich
+    f, g, th = _cross_coupled()
+    G = lambda t, x, th: torch.diag_embed(g(t, x, th))                        # noqa: E731
+    B, Nf = 500, 1024
+    gen = torch.Generator().manual_seed(4)
+    ts_f = torch.linspace(0, 1, Nf + 1, dtype=torch.float64)
+    dW_f = brownian_increments(ts_f, (B, 2), gen)
+    x0 = torch.randn(B, 2, dtype=torch.float64, generator=gen)
+    ref = simulate(f, g, x0, th, ts_f, dW_f, "euler")
+    rms = []
+    for N in (16, 256):
+        ts, dW = ts_f[::Nf // N], dW_f.reshape(N, Nf // N, B, 2).sum(1)
+        x = simulate(ito_to_stratonovich(f, G, "general"), G, x0, th, ts, dW, "heun", noise="general")
+        rms.append(float(((x - ref) ** 2).sum(-1).mean().sqrt()))
+    # strong order 1/2 (non-commutative noise) for both Heun and the reference: 16x finer, ~4x closer (asserted 2x)
+    assert rms[1] < rms[0] / 2, rms
