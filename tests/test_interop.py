@@ -14,6 +14,8 @@ from sdekit.samplers import sample
 from sdekit.samplers.grids import make_grid
 from sdekit.samplers.reverse_sde import euler_maruyama
 
+from _tolerance import SCHEDULE_OPS, mlp_roundoff, roundoff
+
 pytest.importorskip("torchsde")
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)   # float64 comparisons to round-off; affects only JAX users
@@ -94,7 +96,7 @@ def test_sde_closed_forms_in_jax_equal_torch(sde, dtype):
     """One definition, two namespaces: every closed form of sdekit.sde evaluated with xp=jax.numpy equals torch,
     over the whole time range and, for the log-SNR inverse, over log-SNR in [-40, 40] (the softplus threshold
     and the SubVP branch point included)."""
-    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    rtol = 1e-12 if dtype == torch.float64 else roundoff(torch.float32, ops=SCHEDULE_OPS)
     t = torch.linspace(sde.t_min, sde.t_max, 257, dtype=dtype)
     lam = torch.cat([torch.linspace(-40.0, 40.0, 801, dtype=dtype), torch.tensor([-20.0, 0.0, 20.0], dtype=dtype)])
     jt, jlam = dfx_interop.to_jax(t), dfx_interop.to_jax(lam)
@@ -177,22 +179,51 @@ def trained():
 
 
 def test_exported_mlp_equals_torch(trained):
-    """The exported network and the exported score of the trained Denoiser equal torch within 1e-5 (float32)."""
-    den, sde = trained
-    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
-    c = torch.linspace(-2.0, 1.5, 64)
-    params, apply = dfx_interop.export_mlp(den.net)
-    with torch.no_grad():
-        want = den.net(x, c).numpy()
-    got = np.asarray(apply(params, dfx_interop.to_jax(x), dfx_interop.to_jax(c)))
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    score_jax = dfx_interop.export_denoiser(den)
-    for t in (0.05, 0.3, 0.9):
+    """The exported network and the exported score of the trained Denoiser equal torch: in float64 within the
+    first-order round-off bound of the network (about 1e-11 here), and in float32 they stay float32 and within
+    that bound at float32's eps (the bound follows each layer's fan-in and the Fourier features' argument size,
+    so it holds whatever order a CPU's kernels sum in)."""
+    import copy
+
+    den32, sde = trained
+    for dtype in (torch.float64, torch.float32):
+        den = copy.deepcopy(den32).to(dtype)
+        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        c = torch.linspace(-2.0, 1.5, 64, dtype=dtype)
+        params, apply = dfx_interop.export_mlp(den.net)
         with torch.no_grad():
-            want = den(x, torch.tensor(t)).numpy()
-        got = np.asarray(score_jax(dfx_interop.to_jax(x), np.float32(t)))
-        np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.abs(want).max())), rtol=0)
+            want = den.net(x, c).numpy()
+        got = np.asarray(apply(params, dfx_interop.to_jax(x), dfx_interop.to_jax(c)))
+        assert got.dtype == want.dtype == torch.empty((), dtype=dtype).numpy().dtype
+        bound = 2 * mlp_roundoff(den.net, x, c, dtype).numpy()   # two evaluations, each within the bound
+        assert (np.abs(got - want) <= bound).all(), (dtype, float(np.abs(got - want).max()), float(bound.min()))
+        score_jax = dfx_interop.export_denoiser(den)
+        for t in (0.05, 0.3, 0.9):
+            with torch.no_grad():
+                want = den(x, torch.tensor(t, dtype=dtype)).numpy()
+            got = np.asarray(score_jax(dfx_interop.to_jax(x), np.dtype(want.dtype).type(t)))
+            assert got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=0, atol=denoiser_roundoff(den, x, t, want, dtype))
+
+
+def denoiser_roundoff(den, x: torch.Tensor, t: float, score: np.ndarray, dtype) -> float:
+    """Round-off bound for two evaluations of Denoiser.score: the network's bound (its inputs x / alpha, log(sigma /
+    alpha) / 4 carrying SCHEDULE_OPS roundings of the schedule's exp/expm1/sqrt/log) times the read-out's slope, plus its
+    roundings on the terms it combines (x / sigma^2 and the output / sigma), whichever prediction type."""
+    from sdekit.precond import edm_coefficients
+
+    tt = torch.tensor(t, dtype=torch.float64)
+    alpha, sigma = (float(v) for v in den.sde.marginal(tt))
+    c_in = float(edm_coefficients(torch.tensor(sigma / alpha, dtype=torch.float64), den.sigma_data)[2])
+    x_in, c_noise = c_in * x.double() / alpha, torch.log(tt.new_tensor(sigma / alpha)) / 4
+    with torch.no_grad():
+        out = den.net(x_in.to(dtype), c_noise.to(dtype).expand(x.shape[0]))
+        net_err = float(mlp_roundoff(den.net, x_in, c_noise, dtype, input_error=roundoff(dtype, x_in.abs(), SCHEDULE_OPS),
+                                     c_noise_error=roundoff(dtype, 1.0 + c_noise.abs(), SCHEDULE_OPS)).max())
+    terms = max(float(np.abs(score).max()), float(x.abs().max()) / sigma**2, float(out.abs().max()) / sigma)
+    # |d score / d output| <= 1/sigma (eps, v, edm: c_out <= sigma/alpha), alpha/sigma^2 (x0), 1 (score)
+    slope = {"x0": alpha / sigma**2, "score": 1.0}.get(den.prediction, 1 / sigma)
+    return 2 * (net_err * slope + roundoff(dtype, terms, SCHEDULE_OPS))
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -208,13 +239,14 @@ def test_exported_denoiser_every_prediction_type(prediction, sde):
     net = MLP(2, hidden=32, depth=2)
     torch.nn.init.normal_(net.out.weight, std=0.3)
     den = Denoiser(net, sde, prediction=prediction, sigma_data=None if isinstance(sde, sdekit.EDM) else 0.7)
-    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(2)) * float(sde.prior_std)
+    den = den.double()   # the read-out formula is the point, so float64: round-off ~1e-14, any slip O(1)
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * float(sde.prior_std)
     export = dfx_interop.export_denoiser(den)
     for t in (sde.t_min + 0.05 * (sde.t_max - sde.t_min), 0.4 * sde.t_max, sde.t_max):
         with torch.no_grad():
-            want = den(x, torch.tensor(t)).numpy()
-        got = np.asarray(export(dfx_interop.to_jax(x), np.float32(t)))
-        np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.abs(want).max())), rtol=0)
+            want = den(x, torch.tensor(t, dtype=torch.float64)).numpy()
+        got = np.asarray(export(dfx_interop.to_jax(x), np.float64(t)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=denoiser_roundoff(den, x, t, want, torch.float64))
 
 
 def test_diffrax_pf_ode_with_exported_mlp_matches_torch(trained):
