@@ -82,31 +82,54 @@ def _check_range(start: int, stop: int, block: int) -> None:
         raise ValueError(f"block must be a positive number of paths, got {block}")
 
 
+class _Blocks:
+    """The generators of the blocks that the paths [start, stop) touch, drawing their chunks in turn."""
+
+    def __init__(self, start: int, stop: int, m: int, seed: int, stream: int, block: int, dtype, device):
+        _check_range(start, stop, block)
+        self.start, self.stop, self.m, self.block, self.dtype, self.device = start, stop, m, block, dtype, device
+        self.c = keyed_chunk_steps(block, m)
+        self.first = start // block
+        self.gens = [keyed_generator(seed, stream, k, device) for k in range(self.first, -(-stop // block))]
+        self.tmp = None
+
+    def fill(self, out: Tensor) -> None:
+        """Draw the next chunk of every block (c steps each) into out (k <= c steps, stop - start, m)."""
+        k_steps, block = out.shape[0], self.block
+        for i, gen in enumerate(self.gens):
+            k = self.first + i
+            lo, hi = max(self.start, k * block), min(self.stop, (k + 1) * block)
+            dst = out[:, lo - self.start:hi - self.start]
+            if k_steps == self.c and hi - lo == block and dst.is_contiguous():   # a whole block: drawn in place
+                torch.randn((self.c, block, self.m), generator=gen, dtype=self.dtype, device=self.device, out=dst)
+                continue
+            if self.tmp is None:
+                self.tmp = torch.empty((self.c, block, self.m), dtype=self.dtype, device=self.device)
+            torch.randn((self.c, block, self.m), generator=gen, dtype=self.dtype, device=self.device, out=self.tmp)
+            dst.copy_(self.tmp[:k_steps, lo - k * block:hi - k * block])
+
+
 def keyed_normal_chunks(steps: int, start: int, stop: int, m: int, seed: int, *, stream: int = 0, block: int = BLOCK,
                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Iterator[Tensor]:
     """Standard normals of the global paths [start, stop) for `steps` steps, yielded as (c, stop - start, m) chunks
-    of c = keyed_chunk_steps(block, m) steps (the last one shorter). Each chunk is a new tensor."""
-    _check_range(start, stop, block)
-    n, c = stop - start, keyed_chunk_steps(block, m)
-    first, last = start // block, -(-stop // block)
-    gens = [keyed_generator(seed, stream, k, device) for k in range(first, last)] if n else []
-    tmp = torch.empty((c, block, m), dtype=dtype, device=device)
-    for s0 in range(0, steps, c):
-        k_steps = min(c, steps - s0)
-        out = torch.empty((k_steps, n, m), dtype=dtype, device=device)
-        for k, gen in zip(range(first, last), gens):
-            torch.randn((c, block, m), generator=gen, dtype=dtype, device=device, out=tmp)
-            lo, hi = max(start, k * block), min(stop, (k + 1) * block)
-            out[:, lo - start:hi - start].copy_(tmp[:k_steps, lo - k * block:hi - k * block])
+    of c = keyed_chunk_steps(block, m) steps (the last one shorter), drawn into one buffer: each chunk is valid until
+    the next one is drawn (as `normal_chunks(out=...)`); copy it to keep it."""
+    blocks = _Blocks(start, stop, m, seed, stream, block, dtype, device)
+    buf = torch.empty((blocks.c, stop - start, m), dtype=dtype, device=device)
+    for s0 in range(0, steps, blocks.c):
+        out = buf[:min(blocks.c, steps - s0)]
+        blocks.fill(out)
         yield out
 
 
 def keyed_normals(steps: int, start: int, stop: int, m: int, seed: int, *, stream: int = 0, block: int = BLOCK,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-    """Standard normals (steps, stop - start, m) of the global paths [start, stop): keyed_normal_chunks, joined."""
-    chunks = list(keyed_normal_chunks(steps, start, stop, m, seed, stream=stream, block=block, dtype=dtype,
-                                      device=device))
-    return torch.cat(chunks) if chunks else torch.empty((0, stop - start, m), dtype=dtype, device=device)
+    """Standard normals (steps, stop - start, m) of the global paths [start, stop), drawn in place."""
+    blocks = _Blocks(start, stop, m, seed, stream, block, dtype, device)
+    out = torch.empty((steps, stop - start, m), dtype=dtype, device=device)
+    for s0 in range(0, steps, blocks.c):
+        blocks.fill(out[s0:s0 + blocks.c])
+    return out
 
 
 def keyed_increments(ts: Tensor, start: int, stop: int, m: int, seed: int, *, levy_area: bool = False,
