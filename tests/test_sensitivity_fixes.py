@@ -131,3 +131,36 @@ def test_the_general_form_the_error_names_converges_to_the_ito_solution():
         rms.append(float(((x - ref) ** 2).sum(-1).mean().sqrt()))
     # strong order 1/2 (non-commutative noise) for both Heun and the reference: 16x finer, ~4x closer (asserted 2x)
     assert rms[1] < rms[0] / 2, rms
+
+
+# --- score function: a parameter is drift-only only if g ignores it along the whole path ---------------------------
+def _vanishing_at_start(B, N, seed):
+    """dX = (th0 - X) dt + (th1 X + 0.3) dW from X = 0: dg/dth1 = X is zero at (t0, x0) only. For the Euler chain
+    E[X_N] = th0 (1 - (1 - h)^N), so dE[X_N]/dth0 = 1 - (1 - h)^N exactly."""
+    f = lambda t, x, th: th[0] - x                         # noqa: E731
+    g = lambda t, x, th: th[1] * x + 0.3                   # noqa: E731
+    theta = torch.tensor([0.5, 0.4], dtype=torch.float64)
+    ts = torch.linspace(0, 1, N + 1, dtype=torch.float64)
+    dW = brownian_increments(ts, (B, 1), torch.Generator().manual_seed(seed))
+    return f, g, torch.zeros(B, 1, dtype=torch.float64), theta, ts, dW, 1 - (1 - 1 / N) ** N
+
+
+def test_score_function_is_nan_for_a_diffusion_parameter_whose_derivative_vanishes_at_the_start():
+    from sdekit.sensitivity import score_function
+    f, g, x0, theta, ts, dW, exact = _vanishing_at_start(20000, 20, seed=5)
+    loss = lambda x: x[:, 0]                               # noqa: E731
+    est = score_function.path_gradients(f, g, x0, theta, ts, dW, loss)
+    assert torch.isnan(est[:, 1]).all()                    # no likelihood ratio for th1 (was 0.0 for every path)
+    se = est[:, 0].std() / est.shape[0] ** 0.5
+    assert abs(est[:, 0].mean() - exact) < 4 * se, (est[:, 0].mean(), exact, se)
+    # stated by the caller: the same column, checked along the path
+    torch.testing.assert_close(score_function.path_gradients(f, g, x0, theta, ts, dW, loss, drift_params=(0,)), est,
+                               equal_nan=True)
+    with pytest.raises(ValueError, match=r"theta\[1\].*step 1"):
+        score_function.path_gradients(f, g, x0, theta, ts, dW, loss, drift_params=(0, 1))
+    with pytest.raises(ValueError, match="drift_params must hold indices"):
+        score_function.path_gradients(f, g, x0, theta, ts, dW, loss, drift_params=(2,))
+    # the path-wide check (the N points whose transitions are used, of N+1): dg/dth1 vanishes at x0 only
+    xs = torch.stack([x0, x0 + 0.1, x0 + 0.2])
+    assert score_function.drift_only_parameters(g, x0, theta, ts).tolist() == [True, True]
+    assert score_function.drift_only_parameters(g, xs, theta, ts).tolist() == [True, False]
