@@ -222,7 +222,7 @@ def held_out_bpd(denoiser, cfg: Config, n: int) -> dict:
 # samplers compared on a trained model: a lean set (the multistep leaders and the first-order baselines)
 RUN_CANDIDATES = [("ode_euler", "ode_euler", {}), ("ddim", "ddim", {}), ("dpmpp_2m", "dpmpp_2m", {}),
                   ("dpmpp_3m", "dpmpp_3m", {}), ("unipc bh2", "unipc", {}), ("unipc bh2 p=2", "unipc", {"order": 2}),
-                  ("deis", "deis", {}), ("deis log_rho", "deis", {"basis": "log_rho"})]
+                  ("deis", "deis", {}), ("deis o4", "deis", {"order": 4})]
 
 
 def compare_samplers_on_run(denoiser, cfg: Config, checkpoint: str | Path, data_shape: tuple[int, ...],

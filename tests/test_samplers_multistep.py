@@ -46,6 +46,8 @@ ORDERS = [
     ("deis order 2", "deis", {"order": 2}, 2, [64, 128, 256, 512]),
     ("deis rho basis", "deis", {"basis": "rho"}, 3, [64, 128, 256, 512]),
     ("deis log_rho basis", "deis", {"basis": "log_rho"}, 3, [64, 128, 256, 512]),
+    ("deis t basis", "deis", {"basis": "t"}, 3, [64, 128, 256, 512]),
+    ("deis order 4", "deis", {"order": 4}, 4, [32, 64, 128, 256]),
     ("unipc bh2 p=3", "unipc", {"variant": "bh2", "order": 3}, 4, [24, 48, 96, 192]),
     ("unipc bh1 p=3", "unipc", {"variant": "bh1", "order": 3}, 4, [24, 48, 96, 192]),
     ("unipc bh2 p=2", "unipc", {"variant": "bh2", "order": 2}, 3, [64, 128, 256, 512]),

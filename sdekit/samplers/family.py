@@ -38,9 +38,10 @@ __all__ = ["MixtureScore", "family_mixture", "draw_family", "fresh_family_seed",
 TUNING_FAMILY_SEED = 20261204
 
 # sdekit's one recommended setting per NFE budget (label of SDEKIT_CANDIDATES, grid), chosen on the family of
-# TUNING_FAMILY_SEED by the median ratio to the best peer.
-RECOMMENDED: dict[int, tuple[str, str]] = {5: ("unipc bh2", "log_snr"), 10: ("unipc bh2", "log_snr"),
-                                           15: ("unipc bh2", "log_snr"), 20: ("unipc bh2", "log_snr")}
+# TUNING_FAMILY_SEED (10 targets x VP, VE, EDM, 128 x_T) by the median ratio to the best peer, ties by the worst:
+# there 0.58x (worst 1.02x), 0.32x (0.45x), 0.40x (1.04x), 0.43x (0.84x) at 5, 10, 15, 20 NFE.
+RECOMMENDED: dict[int, tuple[str, str]] = {5: ("deis", "log_snr"), 10: ("deis o4", "log_snr"),
+                                           15: ("deis", "edm"), 20: ("deis o4", "log_snr")}
 
 
 # sdekit's candidates on the family: the multistep samplers (the first-order and Runge-Kutta ones never lead at

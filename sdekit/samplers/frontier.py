@@ -41,13 +41,14 @@ SDEKIT_GRIDS = ("uniform", "log_snr", "edm")
 SDEKIT_CANDIDATES = [
     ("ode_euler", "ode_euler", {}), ("heun", "heun", {}), ("rk4", "rk4", {}), ("ddim", "ddim", {}),
     ("dpmpp_2m", "dpmpp_2m", {}), ("dpmpp_3m", "dpmpp_3m", {}), ("unipc bh2", "unipc", {}),
-    ("unipc bh1", "unipc", {"variant": "bh1"}), ("unipc bh2 p=2", "unipc", {"order": 2}), ("deis", "deis", {}),
-    ("deis log_rho", "deis", {"basis": "log_rho"}),
+    ("unipc bh1", "unipc", {"variant": "bh1"}), ("unipc bh2 p=2", "unipc", {"order": 2}),
+    ("deis", "deis", {}), ("deis o4", "deis", {"order": 4}),
+    ("deis tAB", "deis", {"basis": "t", "lower_order_final": True}),
     ("edm (S_churn=0)", "edm", {}),
 ]
 # samplers whose grids are optimised (the budgets' leaders among the multistep samplers)
 OPTIMIZED = [("unipc bh2", "unipc", {}), ("dpmpp_3m", "dpmpp_3m", {}), ("dpmpp_2m", "dpmpp_2m", {}),
-             ("deis log_rho", "deis", {"basis": "log_rho"})]
+             ("deis", "deis", {})]
 
 
 def median_distance(x: Tensor, ref: Tensor) -> float:
