@@ -1,5 +1,5 @@
 """sdekit: diffusion models and SDEs through the reparameterization (pathwise) view."""
-from . import data, estimators, ito, losses, metrics, precond, sensitivity, solvers
+from . import data, estimators, ito, losses, metrics, montecarlo, precond, sensitivity, solvers
 from .data import GaussianMixture
 from .likelihood import log_likelihood
 from .samplers import SAMPLERS, sample
@@ -10,7 +10,7 @@ __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "make_sde",
     "GaussianMixture", "data", "losses", "metrics", "precond",
     "sample", "SAMPLERS",
-    "sensitivity", "solvers", "simulate",
+    "sensitivity", "solvers", "simulate", "montecarlo",
     "log_likelihood",
     "ito", "estimators",
 ]

@@ -64,7 +64,7 @@ def format_table(result: dict, max_params: int = 4) -> str:
         lines.append("closed form: none (compare the methods with each other)")
     if kind == "discrete" and result.get("continuous_limit") is not None:
         lines.append("continuous limit: " + ", ".join(f"{n}={_fmt(v)}" for n, v in zip(names, result["continuous_limit"]))
-                     + (f"  (the scheme's bias at this step: "
+                     + ("  (the scheme's bias at this step: "
                         + ", ".join(_fmt(v) for v in result["discrete_bias"][:max_params]) + ")"
                         if result.get("discrete_bias") else ""))
     zhead = f"z ({kind})" if kind else "z"
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ..config import ConfigError
-    from ..montecarlo import processes
+    from ..distributed import processes
     torch.set_num_threads(args.threads)
     problem = make_problem(args.problem)
     try:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..montecarlo import Processes, combine, combine_means, gather, share, unit_stats
+from ..distributed import Processes, combine, combine_means, gather, share, unit_stats
 from ..solvers import SCHEMES, get_scheme
 from ..solvers.brownian_path import BrownianGrid
 from ..solvers.keyed import STREAM, STREAMS, keyed_draw, keyed_increments
@@ -137,7 +137,7 @@ def run(problem: Problem, paths: int | None = None, steps: int | None = None, sc
 
     The noise (x0 where random, dW, Levy areas, fd_independent's fresh noise) is keyed by path
     (`sdekit.solvers.keyed`), and the paths are cut into `groups` groups; under several processes (procs, from
-    `sdekit.montecarlo.processes()`) each process runs whole groups and the per-group float64 statistics are
+    `sdekit.distributed.processes()`) each process runs whole groups and the per-group float64 statistics are
     combined exactly, so estimates, standard errors and per-path variances are those of one process (to round-off)
     on every process. Times and memory are the slowest process's (`seconds_per_process` has each one's).
     """
