@@ -1,4 +1,4 @@
-"""Train a score model: `python train.py --config configs/ring.yaml [section.key=value ...]` (same as `sdekit train`)."""
+"""Train a score model: `python train.py --config configs/ring.yaml [section.key=value ...]` (as `sdekit train`)."""
 import sys
 
 from sdekit.commands.train import main

@@ -26,12 +26,13 @@ class FourierFeatures(nn.Module):
 
 
 class MLP(nn.Module):
-    """MLP(data_shape=(d,)) maps (x: (B, d), c_noise: (B,)) -> (B, d): [x, fourier(c)] -> (Linear, SiLU) x depth -> Linear.
+    """MLP(data_shape=(d,)): (x: (B, d), c_noise: (B,)) -> (B, d), [x, fourier(c)] -> (Linear, SiLU) x depth -> Linear.
 
     The time embedding is re-injected before every hidden layer, so deep nets keep the time signal.
     """
 
-    def __init__(self, data_shape: tuple[int] | int, hidden: int = 256, depth: int = 3, time_features: int = 16):
+    def __init__(self, data_shape: tuple[int] | int, hidden: int = 256, depth: int = 3, time_features: int = 16,
+                 max_log2_freq: float = 8.0):
         super().__init__()
         if isinstance(data_shape, int):
             data_shape = (data_shape,)
@@ -39,9 +40,11 @@ class MLP(nn.Module):
             raise ValueError(f"MLP is for flat data (d,), got data shape {tuple(data_shape)}")
         dim = int(data_shape[0])
         if dim < 1 or hidden < 1 or depth < 1 or time_features < 1:
-            raise ValueError(f"MLP needs positive dim/hidden/depth/time_features, got {dim}/{hidden}/{depth}/{time_features}")
+            raise ValueError(f"MLP needs positive dim/hidden/depth/time_features, "
+                             f"got {dim}/{hidden}/{depth}/{time_features}")
         self.dim, self.hidden, self.depth = dim, hidden, depth
-        self.time = FourierFeatures(time_features)
+        # c_noise = log(sigma/alpha) / 4 spans about [-1.2, 1.3] under VP: frequencies up to 2^max_log2_freq pi
+        self.time = FourierFeatures(time_features, max_log2_freq)
         temb = 2 * time_features
         self.inp = nn.Linear(dim + temb, hidden)
         self.time_proj = nn.ModuleList(nn.Linear(temb, hidden) for _ in range(depth - 1))

@@ -26,7 +26,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["CheckpointError", "FolderInUseError", "folder_lock", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+__all__ = ["CheckpointError", "FolderInUseError", "folder_lock", "save_checkpoint", "load_checkpoint",
+           "list_checkpoints", "latest_checkpoint",
            "prune_checkpoints", "optimizer_to_tensors", "optimizer_from_tensors", "atomic_write_text"]
 
 STATE_FILE = "state.json"
@@ -60,9 +61,11 @@ def _owner(path: Path) -> dict:
 
 
 def _in_use(folder: Path, path: Path, owner: dict) -> FolderInUseError:
-    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}" if owner else "a process that has not written its pid yet"
-    return FolderInUseError(f"output folder {folder} is in use by another run ({who}; lock file {path}). Two runs writing "
-                            "into one folder overwrite each other's checkpoints and logs: wait for that run, stop it, or "
+    who = (f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}" if owner
+           else "a process that has not written its pid yet")
+    return FolderInUseError(f"output folder {folder} is in use by another run ({who}; lock file {path}). Two runs "
+                            "writing into one folder overwrite each other's checkpoints and logs: wait for that run, "
+                            "stop it, or "
                             "choose another output folder")
 
 
@@ -92,7 +95,8 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
                 os.close(fd)
                 raise
             owner = _owner(path)
-            if owner and owner.get("pid") != me["pid"] and (owner.get("host") != me["host"] or _pid_alive(int(owner["pid"]))):
+            held = owner.get("host") != me["host"] or _pid_alive(int(owner["pid"])) if owner else False
+            if owner and owner.get("pid") != me["pid"] and held:
                 os.close(fd)
                 raise _in_use(folder, path, owner) from None
         # the file may have been removed and re-created by its previous owner meanwhile: lock the one at `path`

@@ -55,15 +55,15 @@ class DataConfig:
     hflip: bool = False                  # image sets: random horizontal flips (off for digits: a flipped 3 is no digit)
     dequantize: bool = False             # image sets: add uniform noise of one quantisation bin (for bits/dim)
     layout: str | None = None            # npz: NCHW | NHWC, needed when a 4-D array's shape allows both
-    value_range: list[float] | None = None   # npz: [lo, hi] stored values mapped to [-1, 1]; needed for non-uint8 integers
-    options: dict = field(default_factory=dict)   # the source's loader options (npz: x_key, y_key; image_folder: channels)
+    value_range: list[float] | None = None   # npz: [lo, hi] stored values mapped to [-1, 1]; for non-uint8 integers
+    options: dict = field(default_factory=dict)   # the loader's options (npz: x_key, y_key; image_folder: channels)
 
 
 @dataclass
 class ModelConfig:
     target: str = "sdekit_models.mlp:MLP"   # `module:Class`, built as Class(dim, **options)
     prediction: str = "eps"              # sdekit.precond.PREDICTIONS: eps | x0 | v | score | edm
-    sigma_data: float | None = None      # null: sde.sigma_data for EDM (0.5 unless set there), else 1.0; see resolve_sigma_data
+    sigma_data: float | None = None      # null: sde.sigma_data under EDM (0.5 unless set), else 1 (resolve_sigma_data)
     label_dropout: float = 0.1           # class-conditional nets: share of labels replaced by the null class
     options: dict = field(default_factory=dict)
 
@@ -104,7 +104,7 @@ class TrainConfig:
 class SampleConfig:
     sampler: str = "heun"                # a key of sdekit.SAMPLERS
     steps: int | None = None
-    grid: str | None = None              # a key of sdekit.samplers.grids.GRIDS, or optimized; null: the sampler's default
+    grid: str | None = None              # a key of sdekit.samplers.grids.GRIDS, or optimized; null: the sampler's own
     n_samples: int = 4000
     batch_size: int = 4000
     seed: int = 1
@@ -190,8 +190,9 @@ def resolve_sigma_data(cfg: Config) -> None:
         cfg.model.sigma_data = 1.0 if model_value is None else model_value
         return
     if sde_value is not None and model_value is not None and sde_value != model_value:
-        raise ConfigError(f"model.sigma_data = {model_value!r} contradicts sde.sigma_data = {sde_value!r}; EDM's data scale "
-                          f"is one value used by the preconditioning and the loss: give it once (sde.sigma_data) or equal in both")
+        raise ConfigError(f"model.sigma_data = {model_value!r} contradicts sde.sigma_data = {sde_value!r}; EDM's data "
+                          f"scale is one value used by the preconditioning and the loss: give it once (sde.sigma_data) "
+                          f"or equal in both")
     if sde_value is None and model_value is None:
         import inspect
 
@@ -204,7 +205,8 @@ def validate(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express; resolves sigma_data (see resolve_sigma_data)."""
     for key, choices in _choices().items():
         if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key} = {_get(cfg, key)!r} is not allowed; expected one of {[c for c in choices if c is not None]}")
+            allowed = [c for c in choices if c is not None]
+            raise ConfigError(f"{key} = {_get(cfg, key)!r} is not allowed; expected one of {allowed}")
     for key in _POSITIVE:
         v = _get(cfg, key)
         if not (v > 0 and math.isfinite(v)):
@@ -238,7 +240,8 @@ def _validate_image_data(d: DataConfig) -> None:
     if d.layout is not None and d.layout not in LAYOUTS:
         raise ConfigError(f"data.layout = {d.layout!r} is not allowed; expected one of {list(LAYOUTS)} (or null)")
     if d.value_range is not None:
-        if len(d.value_range) != 2 or not all(math.isfinite(v) for v in d.value_range) or not d.value_range[1] > d.value_range[0]:
+        finite = all(math.isfinite(v) for v in d.value_range)
+        if len(d.value_range) != 2 or not finite or not d.value_range[1] > d.value_range[0]:
             raise ConfigError(f"data.value_range must be [lo, hi] with finite lo < hi, got {d.value_range!r}")
     if (d.layout is not None or d.value_range is not None) and d.name != "npz":
         key = "data.layout" if d.layout is not None else "data.value_range"
@@ -309,7 +312,8 @@ def _build(cls, data: Any, prefix: str = ""):
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f" in section '{prefix}'" if prefix else ""
-        raise ConfigError(f"unknown config key '{(prefix + '.') if prefix else ''}{unknown[0]}'{where}; known keys: {names}")
+        dotted = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key '{dotted}'{where}; known keys: {names}")
     kwargs = {k: _check_value(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -16,7 +16,8 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
         raise ValueError("samples contain NaN or Inf")
 
 
-def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, generator: torch.Generator | None = None) -> float:
+def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256,
+                       generator: torch.Generator | None = None) -> float:
     """Sliced 2-Wasserstein distance between equal-size samples x, y: (N, d), over random unit directions.
 
     In 1-D the optimal coupling pairs sorted samples, so each slice is exact for the empirical measures.

@@ -65,7 +65,7 @@ def build_sde(cfg: SDEConfig) -> SDE:
 
 
 def build_network(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
-    """Import `module:Class` from cfg.target (see `sdekit._imports.import_target`) and build Class(data_shape, **cfg.options)."""
+    """Import `module:Class` from cfg.target (`sdekit._imports.import_target`); build Class(data_shape, **options)."""
     try:
         cls = import_target(cfg.target)
     except (ImportError, AttributeError) as e:
@@ -73,14 +73,16 @@ def build_network(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
     params = inspect.signature(cls).parameters
     unknown = [k for k in cfg.options if k not in params]
     if unknown:
-        raise ConfigError(f"unknown model option 'model.options.{unknown[0]}' for {cfg.target}; it takes {list(params)[1:]}")
+        raise ConfigError(f"unknown model option 'model.options.{unknown[0]}' for {cfg.target}; "
+                          f"it takes {list(params)[1:]}")
     return cls(data_shape, **cfg.options)
 
 
 def build_denoiser(cfg: Config, data_shape: tuple[int, ...], net: nn.Module | None = None) -> Denoiser:
     sde = build_sde(cfg.sde)
     sigma_data = cfg.sde.sigma_data if (cfg.model.prediction == "edm" and cfg.sde.sigma_data) else cfg.model.sigma_data
-    return Denoiser(net if net is not None else build_network(cfg.model, data_shape), sde, cfg.model.prediction, sigma_data)
+    net = net if net is not None else build_network(cfg.model, data_shape)
+    return Denoiser(net, sde, cfg.model.prediction, sigma_data)
 
 
 def check_model_fits_data(denoiser: Denoiser, x: Tensor, target: str = "model") -> None:
@@ -151,7 +153,8 @@ class KeyedDropout:
     @contextlib.contextmanager
     def micro_batch(self, seed: int, step: int, rows: slice, global_batch: int, fallback_key: int):
         """Draw masks for the rows `rows` of the global batch of `global_batch` samples at optimisation step `step`."""
-        self._batch = {"key": derive_seed(seed, "dropout", step), "rows": rows, "n": global_batch, "fallback_key": fallback_key, "gens": {}}
+        self._batch = {"key": derive_seed(seed, "dropout", step), "rows": rows, "n": global_batch,
+                       "fallback_key": fallback_key, "gens": {}}
         try:
             yield
         finally:
@@ -163,7 +166,8 @@ class KeyedDropout:
             return type(m).forward(m, x)
         if m.p >= 1:
             return x * 0
-        shape = tuple(x.shape) if type(m) is nn.Dropout else (*x.shape[:2], *[1] * (x.ndim - 2))   # DropoutNd: per channel
+        # DropoutNd drops whole channels
+        shape = tuple(x.shape) if type(m) is nn.Dropout else (*x.shape[:2], *[1] * (x.ndim - 2))
         rows = b["rows"]
         if x.ndim >= 2 and x.shape[0] == rows.stop - rows.start:
             u = torch.rand((b["n"], *shape[1:]), generator=self._generator(b, "key", x.device), device=x.device)[rows]
@@ -229,11 +233,12 @@ def check_weights_fit(own: dict[str, Tensor], state: dict[str, Tensor], where: s
     """Raise CheckpointError naming the first key or shape in `state` that does not fit the tensors `own`."""
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing or unexpected:
-        raise CheckpointError(f"{where}: weights do not fit this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise CheckpointError(f"{where}: weights do not fit this model (missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]})")
     for k, v in state.items():
         if v.shape != own[k].shape:
-            raise CheckpointError(f"{where}: weight {k!r} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)} "
-                                  "(was the checkpoint trained with another model config?)")
+            raise CheckpointError(f"{where}: weight {k!r} has shape {tuple(v.shape)}, the model needs "
+                                  f"{tuple(own[k].shape)} (was the checkpoint trained with another model config?)")
 
 
 def _load_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
@@ -272,8 +277,8 @@ def check_launch(num_processes: int) -> None:
     they would each do all the work and write the same files."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != num_processes:
-        raise ConfigError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set up {num_processes}; "
-                           "on CPU launch with ACCELERATE_USE_CPU=1, or check the distributed backend")
+        raise ConfigError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set up "
+                          f"{num_processes}; on CPU launch with ACCELERATE_USE_CPU=1, or check the distributed backend")
 
 
 @contextlib.contextmanager
@@ -417,7 +422,8 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
     tc = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
     if tc.batch_size % (world * tc.grad_accum):
-        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by processes x train.grad_accum = {world} x {tc.grad_accum}")
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by processes x train.grad_accum = "
+                          f"{world} x {tc.grad_accum}")
     micro = tc.batch_size // (world * tc.grad_accum)
     run_dir = Path(tc.out_dir)
 
@@ -434,9 +440,11 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
     num_classes = getattr(net, "num_classes", None)  # class-conditional nets take labels=, with null class num_classes
     if num_classes is not None:
         if labels is None:
-            raise ConfigError(f"the model is class-conditional (num_classes={num_classes}) but data {cfg.data.name!r} has no labels")
+            raise ConfigError(f"the model is class-conditional (num_classes={num_classes}) but data "
+                              f"{cfg.data.name!r} has no labels")
         if int(labels.max()) >= num_classes:
-            raise ConfigError(f"data {cfg.data.name!r} has labels up to {int(labels.max())}; model num_classes={num_classes} is too small")
+            raise ConfigError(f"data {cfg.data.name!r} has labels up to {int(labels.max())}; model "
+                              f"num_classes={num_classes} is too small")
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     ema = EMA(net, tc.ema_decay, tc.ema_warmup)
@@ -473,26 +481,31 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
         if accelerator.is_main_process:
             opt_tensors, opt_meta = optimizer_to_tensors(optimizer.state_dict())
             raw = accelerator.unwrap_model(net)
-            path = save_checkpoint(run_dir, step, {"model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors},
-                                   {"config": to_dict(cfg), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                                    "data_shape": list(data_shape), "world_size": world,
-                                    "rng": f"keyed by (train.seed={tc.seed}, step): data order, times, noise, dropout; no global RNG state is carried"})
+            groups = {"model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors}
+            meta = {"config": to_dict(cfg), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                    "data_shape": list(data_shape), "world_size": world,
+                    "rng": f"keyed by (train.seed={tc.seed}, step): data order, times, noise, dropout; "
+                           "no global RNG state is carried"}
+            path = save_checkpoint(run_dir, step, groups, meta)
             prune_checkpoints(run_dir, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
     dropout = KeyedDropout(net)
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and accelerator.is_main_process),
-               desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="train", dynamic_ncols=True,
+               disable=not (progress and accelerator.is_main_process))
     for step in bar:
         gen = step_generator(tc.seed, step)
         idx = batch_indices(data.shape[0], tc.batch_size, step, cfg.data.seed + tc.seed)
-        t_all = sample_t(sde, tc.batch_size, gen, cfg.loss.t_sampling, cfg.loss.P_mean, cfg.loss.P_std, dtype=data.dtype)
+        t_all = sample_t(sde, tc.batch_size, gen, cfg.loss.t_sampling, cfg.loss.P_mean, cfg.loss.P_std,
+                         dtype=data.dtype)
         noise_all = torch.randn((tc.batch_size, *data_shape), generator=gen, dtype=data.dtype)
         # Augmentation and label dropout draw after (t, noise), only when enabled: runs without them keep their draws.
         flip_all = torch.rand(tc.batch_size, generator=gen) < 0.5 if cfg.data.hflip else None
-        u_all = torch.rand((tc.batch_size, *data_shape), generator=gen, dtype=data.dtype) - 0.5 if cfg.data.dequantize else None
-        drop_all = torch.rand(tc.batch_size, generator=gen) < cfg.model.label_dropout if num_classes is not None else None
+        u_all = (torch.rand((tc.batch_size, *data_shape), generator=gen, dtype=data.dtype) - 0.5
+                 if cfg.data.dequantize else None)
+        drop_all = (torch.rand(tc.batch_size, generator=gen) < cfg.model.label_dropout
+                    if num_classes is not None else None)
         total = torch.zeros((), device=device)
         net.train()
         for k in range(tc.grad_accum):
@@ -508,21 +521,25 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
                 net_kwargs["labels"] = torch.where(drop_all[part].to(device), torch.full_like(y, num_classes), y)
             sync = accelerator.no_sync(net) if k < tc.grad_accum - 1 else contextlib.nullcontext()
             key = derive_seed(tc.seed, "network_rng", step, k, rank)
-            torch.manual_seed(key)   # any other random op in the network: keyed too (the caller's RNG is restored by train)
+            # any other random op in the network: keyed too (the caller's RNG is restored by train)
+            torch.manual_seed(key)
             with sync, accelerator.autocast(), dropout.micro_batch(tc.seed, step, part, tc.batch_size, key):
-                loss = dsm_loss(denoiser, x0, t, noise, cfg.loss.weighting, cfg.loss.min_snr_gamma, **net_kwargs).mean() / tc.grad_accum
+                loss = dsm_loss(denoiser, x0, t, noise, cfg.loss.weighting, cfg.loss.min_snr_gamma,
+                                **net_kwargs).mean() / tc.grad_accum
             accelerator.backward(loss)
             total += loss.detach().float()
         lr_used = optimizer.param_groups[0]["lr"]   # this step's learning rate (the scheduler moves on below)
         grad_norm = accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         # Every process must agree whether to step, or the replicas diverge.
-        finite = accelerator.gather(torch.stack([total, torch.as_tensor(grad_norm, device=device).float()]).reshape(1, 2))
+        norm = torch.as_tensor(grad_norm, device=device).float()
+        finite = accelerator.gather(torch.stack([total, norm]).reshape(1, 2))
         if bool(torch.isfinite(finite).all()):
             optimizer.step()
             bad_streak = 0
         else:
             bad_streak += 1
-            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_streak} in a row)")
+            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_streak} in a row)",
+                          stacklevel=2)
             if bad_streak >= tc.max_bad_steps:
                 optimizer.zero_grad(set_to_none=True)
                 last = latest_checkpoint(run_dir)
@@ -542,8 +559,8 @@ def _train(cfg: Config, resume, accelerator, progress: bool) -> dict:
             ckpt_path = save(done)
     bar.close()
     dropout.remove()
-    return {"run_dir": str(run_dir), "step": tc.steps, "checkpoint": str(ckpt_path) if ckpt_path else None, "loss": last_loss,
-            "log": str(log_path), "is_main_process": accelerator.is_main_process,
+    return {"run_dir": str(run_dir), "step": tc.steps, "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "loss": last_loss, "log": str(log_path), "is_main_process": accelerator.is_main_process,
             "model": accelerator.unwrap_model(net), "ema": ema.state_dict()}
 
 

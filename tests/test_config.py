@@ -17,7 +17,8 @@ def test_shipped_configs_load_and_build(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(ROOT / "configs/ring.yaml", ["train.lr=1e-3", "train.steps=7", "sample.denoise=true", "sde.beta_max=10"])
+    cfg = load_config(ROOT / "configs/ring.yaml",
+                      ["train.lr=1e-3", "train.steps=7", "sample.denoise=true", "sde.beta_max=10"])
     assert cfg.train.lr == 1e-3 and cfg.train.steps == 7 and cfg.sample.denoise is True and cfg.sde.beta_max == 10.0
 
 
@@ -57,7 +58,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_sde_and_model_options_are_checked():
     with pytest.raises(ConfigError, match="sde.sigma_max does not apply"):   # refused when the config loads
         load_config(ROOT / "configs/ring.yaml", ["sde.sigma_max=3"])
-    with pytest.raises(ConfigError, match="sde.sigma_max does not apply"):   # and by build_sde, for a config built by hand
+    # and by build_sde, for a config built by hand
+    with pytest.raises(ConfigError, match="sde.sigma_max does not apply"):
         build_sde(dataclasses.replace(load_config(ROOT / "configs/ring.yaml").sde, sigma_max=3.0))
     cfg = load_config(ROOT / "configs/ring.yaml", ["model.options.widht=3"])
     with pytest.raises(ConfigError, match="model.options.widht"):
@@ -103,8 +105,9 @@ def test_choices_are_the_registries():
     from sdekit.precond import PREDICTIONS
     from sdekit.samplers.grids import GRIDS
 
-    registries = {("sde", "name"): sdekit.sde.SDES, ("model", "prediction"): PREDICTIONS, ("loss", "weighting"): WEIGHTINGS,
-                  ("loss", "t_sampling"): T_SAMPLINGS, ("sample", "sampler"): sdekit.SAMPLERS, ("sample", "grid"): GRIDS}
+    registries = {("sde", "name"): sdekit.sde.SDES, ("model", "prediction"): PREDICTIONS,
+                  ("loss", "weighting"): WEIGHTINGS, ("loss", "t_sampling"): T_SAMPLINGS,
+                  ("sample", "sampler"): sdekit.SAMPLERS, ("sample", "grid"): GRIDS}
     for (section, key), names in registries.items():
         for name in names:
             cfg = from_dict({section: {key: name}})

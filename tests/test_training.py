@@ -38,7 +38,8 @@ def test_small_run_reaches_every_mode(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
-    common = ("train.steps=60", "train.batch_size=64", "train.log_every=10", "train.ckpt_every=30", "train.keep_checkpoints=5")
+    common = ("train.steps=60", "train.batch_size=64", "train.log_every=10", "train.ckpt_every=30",
+              "train.keep_checkpoints=5")
     train(_cfg(tmp_path / "full", *common), progress=False)
     # an interrupted run: stop at 30 (as a killed run leaves its checkpoint), then resume to 60
     train(_cfg(tmp_path / "part", *common[:-2], "train.steps=30", "train.ckpt_every=30"), progress=False)
@@ -110,7 +111,8 @@ def test_resume_equals_uninterrupted_run_with_dropout(tmp_path):
     part, _ = load_checkpoint(tmp_path / "part/checkpoints/step_00000060")
     for group in ("model", "ema"):
         for k in full[group]:
-            assert torch.equal(full[group][k], part[group][k]), (group, k, float((full[group][k] - part[group][k]).abs().max()))
+            diff = float((full[group][k] - part[group][k]).abs().max())
+            assert torch.equal(full[group][k], part[group][k]), (group, k, diff)
     # the masks are drawn: the same run without dropout ends elsewhere
     train(cfg(tmp_path / "none", "model.options.dropout=0.0"), progress=False)
     none, _ = load_checkpoint(tmp_path / "none/checkpoints/step_00000060")
@@ -158,7 +160,8 @@ def test_two_runs_into_one_folder_are_refused_and_a_dead_runs_lock_is_taken_over
     from sdekit.commands.sample import main as sample_main
     from sdekit.commands.train import main as train_main
     run = tmp_path / "run"
-    args = ["--config", str(ROOT / "configs/ring.yaml"), "--no-progress", f"train.out_dir={run}", "model.options.hidden=16",
+    args = ["--config", str(ROOT / "configs/ring.yaml"), "--no-progress", f"train.out_dir={run}",
+            "model.options.hidden=16",
             "train.steps=2", "train.batch_size=16", "train.ckpt_every=2"]
     holder = _lock_holder(run)
     try:
