@@ -16,6 +16,7 @@ import torch
 
 import sdekit
 from sdekit import montecarlo
+from sdekit.estimators.report import variance_sweep
 from sdekit.sensitivity.problems import make_problem
 
 
@@ -41,6 +42,9 @@ def problems_run(procs, kill_rank=None) -> dict:
     dg = make_problem("diffusion")
     out["gradient"] = montecarlo.gradient(dg.f, dg.g, lambda n, gen: dg.x0(n, gen), dg.theta, dg.ts(10), dg.loss, 2000,
                                           method="forward", seed=2, batch=300, procs=procs).to_dict()
+    # the estimators' variance sweep: cells shared out, every row on every process
+    out["sweep"] = variance_sweep(("gaussian_diag", "exponential"), ("sinusoidal",), (1, 2, 4), 500, detect=False,
+                                  progress=False, procs=procs)
     return out
 
 

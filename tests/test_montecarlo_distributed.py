@@ -73,8 +73,9 @@ def test_torchrun_sensitivity_command_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_entry_points_equal_one_process(tmp_path):
-    """montecarlo.mean / expectation / gradient under `accelerate launch` (2 CPU processes): every process returns
-    the one-process estimate and standard error, and each evaluated its own half of the units."""
+    """montecarlo.mean / expectation / gradient and the estimators' variance sweep under `accelerate launch` (2 CPU
+    processes): every process returns the one-process estimates and standard errors (the sweep's rows), and each
+    evaluated its own half of the units."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(WORKER),
            str(tmp_path)]
@@ -90,6 +91,7 @@ def test_accelerate_launch_entry_points_equal_one_process(tmp_path):
             assert r[key]["processes"] == 2 and sum(r[key]["paths_per_process"]) == one[key]["paths"]
             for stat in ("mean", "stderr", "per_path_variance"):
                 assert _close(r[key][stat], one[key][stat]), (key, stat, r[key][stat], one[key][stat])
+        assert r["sweep"] == one["sweep"]          # the estimators' sweep: cells shared out, the same rows
 
 
 def test_killed_process_is_an_error_that_names_it(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .._imports import pyplot
+from ..distributed import processes
 from ..estimators.families import CONTINUOUS, DISCRETE
 from ..estimators.gradients import ESTIMATORS
 from ..estimators.oracles import OBJECTIVES
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n < 2 or args.failure_n < 2 or min(args.dims) < 1:
         p.error("--n and --failure-n must be >= 2 and every --dims entry >= 1")
-    rows = variance_sweep(args.families, args.objectives, args.dims, args.n, seed=args.seed)
+    procs = processes()           # one process, or one of several under accelerate launch / torchrun
+    rows = variance_sweep(args.families, args.objectives, args.dims, args.n, seed=args.seed, procs=procs)
+    if not procs.is_main:         # the sweep's cells are shared out; the rest is the main process's
+        return 0
     bias_rows = concrete_bias(objectives=args.objectives, n=max(args.n, 2000),
                               generator=torch.Generator().manual_seed(args.seed))
     freq_rows = frequency_sweep(n=args.failure_n, seed=args.seed)
@@ -120,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     (out / "estimators.md").write_text(md)
     (out / "estimators.json").write_text(json.dumps(
-        {"seed": args.seed, "variance": rows, "z_summary": z_summary(rows), "counter_cases": counter_cases(rows),
-         "dimension_slopes": dimension_slopes(rows),
+        {"seed": args.seed, "processes": procs.world, "variance": rows, "z_summary": z_summary(rows),
+         "counter_cases": counter_cases(rows), "dimension_slopes": dimension_slopes(rows),
          "frequency_sweep": freq_rows, "failure_modes": failure_rows, "concrete_bias": bias_rows}, indent=1))
     plot(rows, bias_rows, out, failure_rows, freq_rows)
     print(f"wrote {out}/estimators.md, estimators.json, estimators.png, concrete.png, failures.png")

@@ -14,6 +14,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from ..distributed import Processes, gather, share
 from ..rng import derive_seed
 from .failures import check_pathwise, failure_modes
 from .families import CONTINUOUS, DISCRETE, Concrete, GaussianDiag, make_family
@@ -28,7 +29,7 @@ SCORE_ONLY = ("score", "score_baseline", "score_optimal", "control_variate")
 
 def variance_sweep(families=CONTINUOUS + DISCRETE, objectives=OBJECTIVES, dims=(1, 2, 4, 8, 16, 32),
                    n: int = 4000, *, seed: int = 0, detect: bool = True, detect_params: int = 32,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, procs: Processes | None = None) -> list[dict]:
     """One row per (family, objective, d, estimator): mean per-parameter variance of a one-sample
     estimate, total variance (trace), and the z-scores of the estimate against the exact gradient:
     the largest |z| (max_abs_z), the number of z-scores (n_z, one per parameter) and how many exceed 2 and 3.
@@ -38,11 +39,18 @@ def variance_sweep(families=CONTINUOUS + DISCRETE, objectives=OBJECTIVES, dims=(
     batches for baselines and control variates have n samples too. With detect=True the pathwise row also
     holds the verdict of `failures.check_pathwise` on that cell ("ok" when it does not fire), on at most
     detect_params parameters (evenly spaced, first and last included) to bound its 2P evaluations.
+
+    procs (`sdekit.distributed.processes()`, under accelerate launch / torchrun): each process runs a contiguous
+    share of the cells and every process returns all rows, in cell order; a cell's draws are keyed by its index, so
+    the rows are those of one process.
     """
+    procs = Processes() if procs is None else procs
     jobs = [(fam, obj, d) for fam in families for obj in objectives for d in dims
             if not (fam == "categorical" and d < 2)]
+    mine = share(len(jobs), procs.rank, procs.world)
     rows = []
-    for j, (fam_name, obj_name, d) in enumerate(tqdm(jobs, desc="estimators", disable=not progress)):
+    for j in tqdm(mine, desc="estimators", disable=not (progress and procs.is_main)):
+        fam_name, obj_name, d = jobs[j]
         fam, f = make_family(fam_name, d), make_objective(obj_name, d)
         exact = exact_gradient(fam, f)
         for est in ESTIMATORS:
@@ -64,7 +72,7 @@ def variance_sweep(families=CONTINUOUS + DISCRETE, objectives=OBJECTIVES, dims=(
                 row["detector"], row["detector_fired"] = chk.summary(), chk.fired
                 row["detector_params"] = len(params)
             rows.append(row)
-    return rows
+    return [row for part in gather(rows, procs) for row in part]
 
 
 def concrete_bias(K: int = 5, temperatures=(2.0, 1.0, 0.5, 0.25, 0.1), objectives=OBJECTIVES, n: int = 20000, *,
