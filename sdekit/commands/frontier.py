@@ -63,13 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                                        "default 5,10")
     p.add_argument("--samples", type=int, help="with --run: samples per sampler (default: the held-out split's size)")
     p.add_argument("--family", type=int, nargs="?", const=0, metavar="SIZE",
-                   help="the frontier on SIZE random exact mixtures (default 10) under VP, VE and EDM: median and worst "
+                   help="the frontier on SIZE random exact mixtures (default 8) under VP, VE and EDM: median and worst "
                         "ratio to the best peer per budget")
     p.add_argument("--family-seed", type=int, help="with --family: the family's seed (default: a fresh one from "
                                                      "os.urandom, printed and saved)")
     p.add_argument("--sde", default="vp,ve,edm", help="with --family: comma-separated SDEs (default vp,ve,edm)")
-    p.add_argument("--quick", action="store_true", help="with --family: 4 targets, 96 x_T each (about a quarter of "
-                                                          "the time)")
+    p.add_argument("--quick", action="store_true", help="with --family: 4 targets, 96 x_T each (about half the time)")
     args = p.parse_args(argv)
     try:   # before any work: without the peers the comparison has nothing to compare with
         if not args.no_peers:
@@ -97,7 +96,7 @@ def _on_family(p: argparse.ArgumentParser, args) -> int:
     from ..samplers.family import family_markdown, fresh_family_seed, run_family
 
     budgets = _budgets(p, args.nfe or ",".join(map(str, BUDGETS)))
-    size = args.family or (4 if args.quick else 10)          # --family without SIZE: 10, or 4 with --quick
+    size = args.family or (4 if args.quick else 8)           # --family without SIZE: 8, or 4 with --quick
     if size < 1:
         p.error(f"--family needs at least one target, got {size}")
     sdes = tuple(s.strip() for s in args.sde.split(",") if s.strip())
@@ -105,7 +104,8 @@ def _on_family(p: argparse.ArgumentParser, args) -> int:
     print(f"family seed {seed} (rerun with --family {size} --family-seed {seed})", flush=True)
     torch.set_num_threads(1)
     try:
-        result = run_family(seed, size, budgets, batch=96 if args.quick else 192, sdes=sdes, peers=not args.no_peers)
+        result = run_family(seed, size, budgets, batch=96 if args.quick else 128, sdes=sdes, peers=not args.no_peers,
+                            optimize=not args.no_optimized, iterations=args.iterations or 25)
     except ValueError as e:
         p.error(str(e))
     result["config"]["command"] = "sdekit frontier " + " ".join(["--family", str(size), "--family-seed", str(seed)]
@@ -132,10 +132,11 @@ def plot_family(result: dict, path: Path) -> None:
     cfg = result["config"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"vp": "o", "ve": "s", "edm": "^"}
-    for key, shift, color, label in (("ratio", -0.4, "tab:blue", "sdekit best"),
-                                     ("ratio_recommended", 0.4, "tab:orange", "sdekit recommended")):
+    for key, shift, color, label in (("ratio", -0.45, "tab:blue", "sdekit best"),
+                                     ("ratio_recommended", 0.0, "tab:orange", "sdekit recommended"),
+                                     ("ratio_optimized", 0.45, "tab:green", "recommended, optimised grid")):
         for sde in cfg["sdes"]:
-            pts = [(c["budget"] + shift, c[key]) for c in result["cells"] if c["sde"] == sde and c[key] is not None]
+            pts = [(c["budget"] + shift, c[key]) for c in result["cells"] if c["sde"] == sde and c.get(key) is not None]
             ax.scatter([q[0] for q in pts], [q[1] for q in pts], s=12, color=color, marker=markers.get(sde, "o"),
                        alpha=0.5, label=f"{label}, {sde}")
         med = [(b + shift, result["summary"][str(b)]["all"][key]["median"]) for b in cfg["budgets"]

@@ -30,8 +30,10 @@ from ..data import GaussianMixture
 from ..sde import EDM, SDE, VESDE, VPSDE
 from . import sample
 from .frontier import BUDGETS, SDEKIT_CANDIDATES, SDEKIT_GRIDS, compare_samplers, median_distance
+from .optimize import calibration_seed
 
-__all__ = ["MixtureScore", "family_mixture", "draw_family", "fresh_family_seed", "family_sdes", "run_family", "family_markdown",
+__all__ = ["MixtureScore", "family_mixture", "draw_family", "fresh_family_seed", "family_sdes", "run_family",
+           "family_markdown",
            "RECOMMENDED", "TUNING_FAMILY_SEED"]
 
 # The family the defaults (RECOMMENDED, deis' basis, ...) were chosen on; reports use another, fresh seed.
@@ -106,8 +108,9 @@ def family_sdes() -> dict[str, SDE]:
     return {"vp": VPSDE(), "ve": VESDE(), "edm": EDM()}
 
 
-def run_family(seed: int, size: int = 10, budgets=BUDGETS, batch: int = 256, sdes: tuple[str, ...] = ("vp", "ve", "edm"),
-               peers: bool = True, candidates=None, grids=SDEKIT_GRIDS, progress: bool = True,
+def run_family(seed: int, size: int = 8, budgets=BUDGETS, batch: int = 128, sdes: tuple[str, ...] = ("vp", "ve", "edm"),
+               peers: bool = True, candidates=None, grids=SDEKIT_GRIDS, optimize: bool = True,
+               calibration_batch: int = 128, iterations: int = 25, progress: bool = True,
                on_cell: Callable[[dict], None] | None = None) -> dict:
     """The frontier on each target of draw_family(seed, size) under each SDE; returns the JSON-ready dict: 'cells'
     (one per target, SDE and budget: sdekit's best and recommended rows, the best peer's, the ratios), 'summary'
@@ -133,17 +136,23 @@ def run_family(seed: int, size: int = 10, budgets=BUDGETS, batch: int = 256, sde
         ref = sample(score, sde, (batch, gmm.dim), "rk45", x_T=x_T, rtol=1e-10, atol=1e-10)
         res = compare_samplers(score, sde, x_T, lambda x, ref=ref: median_distance(x, ref), budgets, peers=peers,
                                candidates=candidates, grids=grids)
+        if optimize:
+            res["rows"] += _optimized_rows(score, sde, x_T, ref, budgets, calibration_batch, iterations,
+                                           calibration_seed(seed + 7919 * (i + 1)), candidates)
         skipped.update({f"{lib} ({name})": why for lib, why in res["peers_skipped"].items()})
         measured.update(res["peers_measured"])
         for r in res["rows"]:
-            rows_all.append(dict(target=i, sde=name, **{k: r[k] for k in ("library", "sampler", "grid", "budget", "error")}))
+            rows_all.append(dict(target=i, sde=name,
+                                 **{k: r[k] for k in ("library", "sampler", "grid", "budget", "error")}))
         for budget in budgets:
             cell = _cell(res["rows"], i, name, budget)
             cells.append(cell)
             if on_cell is not None:
                 on_cell(cell)
     summary = summarise(cells, budgets, sdes)
-    return dict(config=dict(family_seed=seed, size=size, budgets=list(budgets), batch=batch, sdes={n: all_sdes[n].config() for n in sdes},
+    return dict(config=dict(family_seed=seed, size=size, budgets=list(budgets), batch=batch,
+                            sdes={n: all_sdes[n].config() for n in sdes},
+                            calibration=dict(batch=calibration_batch, iterations=iterations) if optimize else None,
                             reference="rk45 float64 rtol=atol=1e-10 from the same x_T",
                             metric="median over x_T of the distance to the reference",
                             recommended={str(b): list(v) for b, v in RECOMMENDED.items()},
@@ -153,19 +162,48 @@ def run_family(seed: int, size: int = 10, budgets=BUDGETS, batch: int = 256, sde
                 seconds=time.perf_counter() - start)
 
 
+def _optimized_rows(score, sde: SDE, x_T: Tensor, ref: Tensor, budgets, calibration_batch: int, iterations: int,
+                   seed: int, candidates) -> list[dict]:
+    """The recommended sampler of each budget on a grid optimised for this target (optimize_grid: Adam through the
+    sampler from the best fixed grid, on `calibration_batch` draws of x_T from the calibration stream `seed`, never
+    the evaluation's x_T), scored on x_T against ref."""
+    from .optimize import calibration_set_for, optimize_grid
+
+    options = {label: (name, opts) for label, name, opts in candidates}
+    calib = calibration_set_for(score, sde, (calibration_batch, x_T.shape[1]), 1e-9, x_T.dtype, x_T.device, seed)
+    rows = []
+    for budget in budgets:
+        label, _ = RECOMMENDED[budget]
+        name, opts = options[label]
+        r = optimize_grid(score, sde, tuple(calib[0].shape), name, budget, options=opts, iterations=iterations,
+                          dtype=x_T.dtype, calibration_set=calib)
+        with torch.no_grad():
+            x, info = sample(score, sde, tuple(x_T.shape), name, ts=r.grid(x_T.dtype), x_T=x_T, return_info=True,
+                             **opts)
+        rows.append(dict(library="sdekit", sampler=label, grid="optimized", budget=budget, steps=budget,
+                         nfe=info["nfe"],
+                         error=median_distance(x, ref) if bool(torch.isfinite(x).all()) else float("nan"),
+                         init_grid=r.init_grid))
+    return rows
+
+
 def _cell(rows: list[dict], target: int, sde: str, budget: int) -> dict:
     def best(pred):
-        cands = [r for r in rows if pred(r) and r["budget"] == budget and r["nfe"] <= budget and np.isfinite(r["error"])]
+        cands = [r for r in rows
+                 if pred(r) and r["budget"] == budget and r["nfe"] <= budget and np.isfinite(r["error"])]
         return min(cands, key=lambda r: r["error"]) if cands else None
 
     keep = lambda r: None if r is None else {k: r[k] for k in ("library", "sampler", "grid", "error", "nfe")}  # noqa: E731
     ours = best(lambda r: r["library"] == "sdekit")
     label, grid = RECOMMENDED.get(budget, (None, None))
     rec = best(lambda r: r["library"] == "sdekit" and r["sampler"] == label and r["grid"] == grid)
+    opt = best(lambda r: r["library"] == "sdekit" and r["grid"] == "optimized")
+    fixed = best(lambda r: r["library"] == "sdekit" and r["grid"] != "optimized")
     peer = best(lambda r: r["library"] != "sdekit")
     ratio = lambda r: None if r is None or peer is None else r["error"] / peer["error"]  # noqa: E731
-    return dict(target=target, sde=sde, budget=budget, sdekit=keep(ours), recommended=keep(rec), peer=keep(peer),
-                ratio=ratio(ours), ratio_recommended=ratio(rec))
+    return dict(target=target, sde=sde, budget=budget, sdekit=keep(ours), recommended=keep(rec), optimized=keep(opt),
+                fixed=keep(fixed), peer=keep(peer), ratio=ratio(ours), ratio_recommended=ratio(rec),
+                ratio_optimized=ratio(opt), ratio_fixed=ratio(fixed))
 
 
 def summarise(cells: list[dict], budgets, sdes) -> dict:
@@ -173,7 +211,7 @@ def summarise(cells: list[dict], budgets, sdes) -> dict:
     'recommended'."""
     def stats(sel):
         out = {}
-        for key in ("ratio", "ratio_recommended"):
+        for key in ("ratio", "ratio_fixed", "ratio_recommended", "ratio_optimized"):
             v = [c[key] for c in sel if c[key] is not None and math.isfinite(c[key])]
             out[key] = dict(median=float(np.median(v)), worst=float(max(v)), n=len(v)) if v else None
         return out
@@ -183,19 +221,24 @@ def summarise(cells: list[dict], budgets, sdes) -> dict:
 
 
 def family_markdown(result: dict) -> str:
-    """The table: per budget, median and worst ratio of sdekit (best; recommended) to the best peer, per SDE too."""
+    """The table: per budget, median / worst ratio to the best peer of sdekit's best (any sampler and grid, the
+    optimised grid included), its best on fixed grids, the recommended setting on its fixed grid and on a grid
+    optimised for the target; sdekit's best per SDE."""
     cfg = result["config"]
     sdes = list(cfg["sdes"])
-    head = "| NFE | best: median | best: worst | recommended: median | recommended: worst | " + \
-        " | ".join(f"{s}: median / worst (best)" for s in sdes) + " |"
-    lines = [f"Family seed {cfg['family_seed']}, {cfg['size']} targets x {len(sdes)} SDEs ({', '.join(sdes)}), "
-             f"{cfg['batch']} x_T each; peers: {', '.join(result['peers_measured']) or 'none'}.", "",
-             head, "|---:|" + "---:|" * (4 + len(sdes))]
-    fmt = lambda s, key, part: "n/a" if not s or not s.get(key) else f"{s[key][part]:.2f}"  # noqa: E731
+    cols = [("ratio", "best"), ("ratio_fixed", "best fixed grid"), ("ratio_recommended", "recommended"),
+            ("ratio_optimized", "recommended, optimised grid")]
+    lines = [f"Family seed {cfg['family_seed']}: {cfg['size']} targets x {len(sdes)} SDEs ({', '.join(sdes)}), "
+             f"{cfg['batch']} x_T each; peers: {', '.join(result['peers_measured']) or 'none'}. "
+             "Each cell: median / worst over the family of sdekit's error over the best peer's.", "",
+             "| NFE | " + " | ".join(c[1] for c in cols) + " | " + " | ".join(f"best, {s}" for s in sdes) + " |",
+             "|---:|" + "---:|" * (len(cols) + len(sdes))]
+
+    def cell(stats, key):
+        v = (stats or {}).get(key)
+        return "n/a" if not v else f"{v['median']:.2f} / {v['worst']:.2f}"
     for b in cfg["budgets"]:
         s = result["summary"][str(b)]
-        per = [f"{fmt(s[n], 'ratio', 'median')} / {fmt(s[n], 'ratio', 'worst')}" for n in sdes]
-        lines.append(f"| {b} | {fmt(s['all'], 'ratio', 'median')} | {fmt(s['all'], 'ratio', 'worst')} | "
-                     f"{fmt(s['all'], 'ratio_recommended', 'median')} | {fmt(s['all'], 'ratio_recommended', 'worst')} | "
-                     + " | ".join(per) + " |")
+        lines.append(f"| {b} | " + " | ".join(cell(s["all"], k) for k, _ in cols) + " | "
+                     + " | ".join(cell(s[n], "ratio") for n in sdes) + " |")
     return "\n".join(lines) + "\n"

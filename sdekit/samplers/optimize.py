@@ -29,9 +29,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ from torch import Tensor
 from ..rng import derive_seed
 from ..sde import SDE
 from .fingerprint import fingerprint
-from .grids import make_grid
+from .grids import GRIDS, make_grid
 
 __all__ = ["OptimizedGrid", "optimize_grid", "calibration_set_for", "typical_error", "sample_distances", "grid_from_theta",
            "load_grid", "save_grid", "optimized_grid", "fitted_for", "calibration_seed", "CALIBRATION_SEED"]
@@ -112,7 +112,7 @@ def fitted_for(score_fn: Callable, shape: Sequence[int], dtype: torch.dtype, key
 
 
 def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: str, steps: int, *,
-                  options: dict | None = None, init_grid: str | None = None, iterations: int = 60, lr: float = 0.1,
+                  options: dict | None = None, init_grid: str | None = "best", iterations: int = 60, lr: float = 0.1,
                   reference_tol: float | None = None, dtype: torch.dtype | None = None, device=None,
                   seed: int = CALIBRATION_SEED,
                   calibration_set: tuple[Tensor, Tensor] | None = None, progress: bool = False) -> OptimizedGrid:
@@ -121,14 +121,15 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
     shape: (B, *S), the calibration batch (B = 256 is plenty for a 2-D mixture); x_T is drawn from
     sde.prior_sample with a generator seeded by `seed` (the user's generator is not touched; default
     CALIBRATION_SEED, a stream no sampling seed draws from: pass calibration_seed(user_seed) to derive one).
-    options: the sampler's keywords (as for sample()); init_grid: the start (default: the sampler's default grid).
+    options: the sampler's keywords (as for sample()); init_grid: the start, a name of GRIDS, or 'best' (the default):
+    the one of them with the least calibration error (so the result is never worse than any fixed grid there).
     reference_tol: rtol = atol of the rk45 reference (default 1e-7 in float64, 1e-5 in lower precision, where 1e-7
     is at the round-off and makes rk45 crawl). Cost: the reference, then `iterations` forward and backward
     passes of the sampler (about 3 x steps NFE each).
     calibration_set: (x_T, reference) of `shape`, e.g. from `calibration_set`, to share one reference between
     several optimisations (then seed and reference_tol are not used, and nfe counts no reference).
     """
-    from . import SAMPLERS, CountingScore, _check_options, sample
+    from . import SAMPLERS, CountingScore, _check_options
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     spec = SAMPLERS[sampler]
@@ -151,14 +152,20 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
         if tuple(x_T.shape) != shape or tuple(ref.shape) != shape:
             raise ValueError(f"calibration_set must be (x_T, reference) of shape {shape}, got "
                              f"{tuple(x_T.shape)}, {tuple(ref.shape)}")
-    init_grid = init_grid or spec.default_grid or getattr(sde, "default_grid", "uniform")
-    theta = _theta_from_grid(sde, make_grid(init_grid, sde, steps, dtype=torch.float64)).requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=lr)
 
     def loss_of(th: Tensor) -> Tensor:
         ts = grid_from_theta(sde, th).to(dtype=dtype, device=x_T.device)
         x = spec.fn(counted, sde, x_T, ts, **options)
         return typical_error(x, ref)
+
+    if init_grid in (None, "best"):     # start from the fixed grid of least calibration error: never worse than it
+        with torch.no_grad():
+            init_grid = min(GRIDS, key=lambda g: float(loss_of(_theta_from_grid(sde, make_grid(g, sde, steps,
+                                                                                                dtype=torch.float64)))))
+    elif init_grid not in GRIDS:
+        raise ValueError(f"init_grid must be one of {sorted(GRIDS)} or 'best', got {init_grid!r}")
+    theta = _theta_from_grid(sde, make_grid(init_grid, sde, steps, dtype=torch.float64)).requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
 
     with torch.enable_grad():                              # also under a caller's torch.no_grad()
         best_loss, best_theta, loss_init = _adam(loss_of, theta, opt, iterations, sampler, steps, progress)
