@@ -141,7 +141,8 @@ def gather_batches(local: Tensor, cfg: Config, world: int, return_shares: bool =
 
 # Upper bounds a good model meets on the toy sets, at a few thousand samples (5000 in the demo): the largest
 # per-mode weight error, the sliced Wasserstein distance over that of two data draws, and the data's mean
-# log-density minus the samples' (in nats, under the exact density; samples wider than the data score lower).
+# log-density minus the samples' (in nats, under the exact density; samples wider than the data, or bridging
+# modes, make it positive, samples packed tighter than the data negative: its size is what counts).
 TOY_TARGETS = {"mode_weight_error": 0.02, "sliced_wasserstein_ratio": 3.0, "log_density_gap": 0.1}
 
 
@@ -173,7 +174,7 @@ def evaluate_toy(samples: Tensor, cfg: Config) -> dict:
     for key, target in TOY_TARGETS.items():
         if key in metrics:
             metrics[f"{key}_target"] = target
-    met = [metrics[key] <= target for key, target in TOY_TARGETS.items() if key in metrics]
+    met = [abs(metrics[key]) <= target for key, target in TOY_TARGETS.items() if key in metrics]
     metrics["targets_met"] = bool(met) and all(met)
     return metrics
 
