@@ -17,8 +17,9 @@ give the same numbers. A hash of (seed, stream, block) folded to 32 bits would c
 stream, passed through a bijection of 32-bit integers (murmur3's finaliser); within one seed, distinct (stream,
 block) pairs get distinct generators for up to 2^32 / STREAMS blocks.
 
-Cost: one generator per block and a copy of each draw into the batch (see benchmarks/keyed.py for its ratio to
-the chunked stream `normal_chunks` that `simulate(generator=...)` draws).
+Cost: one generator per block; a block that lies whole in the range is drawn in place when its draw is contiguous
+there (one step per draw, or a single block), otherwise drawn and copied. `python -m benchmarks.montecarlo` gives
+the ratio to the chunked stream `normal_chunks` that `simulate(generator=...)` draws, on the RNG-floor benchmark.
 """
 from __future__ import annotations
 
