@@ -110,3 +110,16 @@ def test_family_frontier_reports_median_and_worst_against_the_peers(tmp_path):
     saved = json.loads((out / "family.json").read_text())
     assert saved["config"]["family_seed"] == 3 and "--family-seed 3" in saved["config"]["command"]
     assert (out / "family.png").stat().st_size > 0 and "| 5 |" in (out / "family.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_PEERS, reason="needs the peers (pip install .[peers] and k-diffusion --no-deps)")
+def test_sdekit_leads_the_peers_on_a_fresh_family():
+    """The claim of the docs on a family nobody picked (a fresh os.urandom seed each run, named on failure): at 5 and
+    20 NFE, over 3 targets under VP, VE and EDM, sdekit's best error is at most 0.5x the best peer's in the median
+    and at most 1x in the worst cell (measured on two other families: median 0.21-0.26x, worst 0.35-0.80x)."""
+    seed = fresh_family_seed()
+    res = run_family(seed, size=3, budgets=(5, 20), batch=96, progress=False)
+    for budget in ("5", "20"):
+        stats = res["summary"][budget]["all"]["ratio"]
+        assert stats["median"] <= 0.5 and stats["worst"] <= 1.0, (f"family seed {seed}, {budget} NFE", stats)
