@@ -12,7 +12,10 @@ cache must never hand it to anything else. `fingerprint(score_fn)` hashes what t
 - tensors, numpy arrays, numbers, strings, None, and tuples / lists / dicts of them: their values.
 Anything else (a file, a generator, an object without attributes, a C extension's callable) cannot be
 fingerprinted for certain: `fingerprint` raises FingerprintError naming the part it could not read, and the
-caller gives an explicit key instead (sample(..., grid_key=...)). Modules (torch, math) are taken by name.
+caller gives an explicit key instead (sample(..., grid_key=...)). Modules (torch, math) are taken by name, and so
+are functions and classes of other modules that the code names (library code is not walked).
+Whatever the function reads is part of the key, so a value that changes between calls (a call counter) makes a
+new key each time: the grid is fitted again (never a stale one reused); give grid_key= to keep one.
 """
 from __future__ import annotations
 
