@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = {
         "sdekit.simulate": lambda: simulate(prob.f, prob.g, x0, prob.theta, ts, scheme=args.scheme, generator=gen(),
                                             dg=prob.dg if mil else None),
+        "sdekit.simulate(trace=True)": lambda: simulate(prob.f, prob.g, x0, prob.theta, ts, scheme=args.scheme,
+                                                        generator=gen(), dg=prob.dg if mil else None, trace=True),
         "plain torch loop": lambda: problems.plain_loop(prob, x0, 1.0, args.steps, gen(), milstein=mil),
     }
     result = {"problem": prob.name, "batch": args.batch, "steps": args.steps, "scheme": args.scheme,

@@ -1,7 +1,7 @@
 """SDE simulation throughput (path-steps per second): sdekit's simulator against the usual ways to simulate.
 
 Rows per (problem, batch): `sdekit <scheme>` for every scheme of the registry that takes the problem's noise type
-(traced step; `compile=True` Euler unless --compile none), a plain torch loop of the same scheme (hand-written Euler and
+(the default eager solve; `trace=True` and `compile=True` Euler rows unless --compile none), a plain torch loop of the same scheme (hand-written Euler and
 Milstein for the diagonal problems, the registry's step run eagerly with fresh normals each step otherwise; the
 plain Euler loop is the baseline of the tables), torchsde.sdeint with the same method (its default
 BrownianInterval), the RNG floor (the increments alone: `normal_chunks` as simulate draws them, scaled), a jitted
@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 
 from sdekit.solvers import SCHEMES, get_scheme, init_state, normal_chunks, simulate, step_map
-from sdekit.solvers._tracing import _agrees, cached_trace, field_state
 
 from . import problems
 from .timing import interleaved
@@ -27,6 +26,7 @@ T = 1.0
 NOISE_PROBLEMS = ("scalar", "additive", "general")
 RNG_FLOOR = "RNG floor (increments alone)"
 STEPS_ALONE = "sdekit euler: steps alone (dW given)"
+TRACED = "sdekit euler traced"      # simulate(trace=True): the opt-in traced step (the default solve is eager)
 
 
 def sdekit_name(scheme: str) -> str:
@@ -45,6 +45,7 @@ def torchsde_name(scheme: str) -> str:
 SAME_SCHEME_BASELINES = {
     **{sdekit_name(s): (plain_name(s), torchsde_name(s)) for s in SCHEMES},
     "sdekit euler compiled": (plain_name("euler"), torchsde_name("euler")),
+    "sdekit euler traced": (plain_name("euler"), torchsde_name("euler")),
     "sdekit milstein (jvp)": (plain_name("milstein"), torchsde_name("milstein")),
 }
 
@@ -163,7 +164,8 @@ def torch_methods(p: problems.Problem, B: int, N: int, device: str, compile_mode
         # The step's own cost: the same solve with the increments drawn beforehand (outside the timing).
         dW = torch.cat(list(normal_chunks(N, tuple(x0.shape), gen(), x0.dtype, x0.device))) * math.sqrt(T / N)
         m[STEPS_ALONE] = lambda: simulate(p.f, p.g, x0, p.theta, ts, dW, scheme="euler")
-    m["sdekit euler: trace guard alone"] = guard_only(p, x0, ts)
+    if "euler" in schemes:
+        m[TRACED] = lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="euler", generator=gen(), trace=True)
     if not heavy and "milstein" in schemes:
         m["sdekit milstein (jvp)"] = lambda: simulate(p.f, p.g, x0, p.theta, ts, scheme="milstein", generator=gen())
     if compile_mode and not heavy:
@@ -187,23 +189,6 @@ def noise_methods(p: NoiseProblem, B: int, N: int, device: str, schemes: tuple[s
     m[RNG_FLOOR] = lambda: rng_floor(N, (B, p.m), ts, gen())
     _add_torchsde(m, schemes, p.f, p.g, p.theta, x0, N, p.noise)
     return m
-
-
-def guard_only(p: problems.Problem, x0: torch.Tensor, ts: torch.Tensor, scheme: str = "euler"):
-    """The work `simulate` adds per solve to keep a cached trace honest, timed alone: the fingerprint of what
-    f and g read, and the traced step re-checked against the eager one at the solve's probe point."""
-    dg = p.dg if scheme == "milstein" else None
-    step = step_map(scheme, p.f, p.g, dg)
-    h = ts[1:] - ts[:-1]
-    dw0, dwk = torch.zeros_like(x0), 0.1 * torch.ones_like(x0)
-    points = ((ts[0], h[0], x0, dw0, p.theta), (ts[1], h[1], x0 + 0.01 * dwk, dwk, p.theta))
-    key = ("simulate", scheme, field_state(p.f, p.g, dg)[0], *x0.shape, p.theta.shape, x0.dtype, x0.device)
-    bind = cached_trace(key, lambda: step, *points, invariant=(4,))
-
-    def run():
-        field_state(p.f, p.g, dg)
-        return _agrees(bind, step, points[1:], (4,))
-    return run
 
 
 def _no_grad(fn, *args, **kwargs):
@@ -292,12 +277,9 @@ def run(quick: bool, device: str, repeats: int, compile_mode: str | None, jax_ok
                     r["speedup_vs_plain_same_scheme"] = sub[plain]["median_s"] / r["median_s"]
                 if tsde in sub:
                     r["speedup_vs_torchsde"] = sub[tsde]["median_s"] / r["median_s"]
-            guard = sub.get("sdekit euler: trace guard alone")
-            if guard and "sdekit euler" in sub:
-                sub["sdekit euler"]["guard_fraction"] = guard["median_s"] / sub["sdekit euler"]["median_s"]
             floor = sub.get(RNG_FLOOR)
             if floor:
-                for method in ("sdekit euler", "plain torch loop", "sdekit euler compiled", STEPS_ALONE):
+                for method in ("sdekit euler", "plain torch loop", TRACED, "sdekit euler compiled", STEPS_ALONE):
                     if method in sub:
                         sub[method]["vs_rng_floor"] = sub[method]["median_s"] / floor["median_s"]
     return {"rows": rows, "notes": sorted(set(notes)), "steps": N, "batches": list(batches)}

@@ -83,7 +83,8 @@ def test_simulate_fields_returning_x_itself():
     ident = lambda t, x, th: x
     x0, theta, ts, dW = _inputs()
     ref = _reference_path(ident, ident, x0, theta, ts, dW, "euler")[-1]
-    torch.testing.assert_close(simulate(ident, ident, x0, theta, ts, dW), ref, rtol=0, atol=1e-12)
+    for trace in (True, False):
+        torch.testing.assert_close(simulate(ident, ident, x0, theta, ts, dW, trace=trace), ref, rtol=0, atol=1e-12)
 
 
 def test_simulate_drawn_increments_are_the_documented_chunks(monkeypatch):
@@ -95,8 +96,9 @@ def test_simulate_drawn_increments_are_the_documented_chunks(monkeypatch):
     z = torch.cat(list(normal_chunks(300, (B, D), torch.Generator().manual_seed(3), torch.float64, "cpu")))
     assert chunk_steps((B, D)) < 300          # several chunks are exercised
     dW = z * (ts[1:] - ts[:-1]).abs().sqrt()[:, None, None]
-    a = simulate(f, g, x0, theta, ts, scheme="euler", generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(a, _reference_path(f, g, x0, theta, ts, dW, "euler")[-1], rtol=0, atol=1e-12)
+    for trace in (True, False):
+        a = simulate(f, g, x0, theta, ts, scheme="euler", generator=torch.Generator().manual_seed(3), trace=trace)
+        torch.testing.assert_close(a, _reference_path(f, g, x0, theta, ts, dW, "euler")[-1], rtol=0, atol=1e-12)
 
 
 def test_simulate_reverse_time_grid():
@@ -104,7 +106,8 @@ def test_simulate_reverse_time_grid():
     x0, theta, ts, dW = _inputs()
     ts = ts.flip(0)
     ref = _reference_path(f, g, x0, theta, ts, dW, "milstein")[-1]
-    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, "milstein"), ref, rtol=0, atol=1e-12)
+    for trace in (True, False):
+        torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, "milstein", trace=trace), ref, rtol=0, atol=1e-12)
 
 
 def _compile_works() -> bool:
@@ -141,7 +144,7 @@ def test_simulate_compiled_blocks_equal_eager(scheme, batch, save):
     blocks made of views of one long chunk of normals plus single steps at the end (7 x 3), and of several short
     chunks drawn in place (20000 x 2: 6 steps per chunk; srk's dW and Levy areas copied into the block), it gives the
     eager solve's answer, end or path."""
-    from sdekit.solvers.simulation import BLOCK
+    from sdekit.solvers.compiled import BLOCK
     f, g, _ = _fields()
     theta = torch.tensor([0.4, 0.5, -0.3], dtype=torch.float64)
     x0 = torch.randn(*batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -193,7 +196,7 @@ def test_simulate_compiled_refuses_steps_that_disagree_with_the_eager_ones(n):
     """A compiled step left stale (here: the block compiled for another drift, put in the cache in place of this
     drift's) is caught by the per-solve comparison with the eager steps and refused by name, whether the solve runs
     whole blocks (20 steps) or only single steps (5 < BLOCK)."""
-    from sdekit.solvers import simulation
+    from sdekit.solvers import compiled as simulation
     g = lambda t, x, th: th[1] * torch.ones_like(x)
     f_old = lambda t, x, th: -th[0] * x
     f_new = lambda t, x, th: -3.0 * th[0] * x
@@ -235,8 +238,8 @@ def test_forward_equals_autograd(scheme, save):
     x0, theta, ts, dW = _inputs(n=25)
     J_ref = _autograd_jacobian(f, g, x0, theta, ts, dW, scheme)
     x_ref = _reference_path(f, g, x0, theta, ts, dW, scheme)
-    for fn in (lambda: sensitivity.forward(f, g, x0, theta, ts, dW, scheme, save, dg=dg),
-               lambda: sensitivity.forward(f, g, x0, theta, ts, dW, scheme, save),      # milstein: nested jvp of g
+    for fn in (lambda: sensitivity.forward(f, g, x0, theta, ts, dW, scheme, save, dg=dg, trace=True),
+               lambda: sensitivity.forward(f, g, x0, theta, ts, dW, scheme, save, trace=True),   # milstein: nested jvp
                lambda: sensitivity.forward(f, g, x0, theta, ts, dW, scheme, save, trace=False)):
         xs, J = fn()
         if save == "end":
@@ -323,7 +326,8 @@ def test_tracing_computes_shared_subexpressions_once():
     gm = _traced_graph(step, ts[0], ts[1] - ts[0], x0, dW[0], theta)
     assert sum(n.target == torch.ops.aten.sigmoid.default for n in gm.graph.nodes) == 1
     want = _reference_path(f, g, x0, theta, ts, dW, "milstein")[-1]
-    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, scheme="milstein", dg=dg), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, scheme="milstein", dg=dg, trace=True), want, rtol=1e-12,
+                               atol=1e-12)
 
 
 def test_tracing_leaves_in_place_fields_correct():
@@ -337,17 +341,17 @@ def test_tracing_leaves_in_place_fields_correct():
     gm = _traced_graph(lambda t, h, x, dw, th: x + f(t, x, th) * h + g(t, x, th) * dw, ts[0], ts[1] - ts[0], x0, dW[0], theta)
     assert sum(n.target == torch.ops.aten.mul.Tensor and n.args[1] == 2.0 for n in gm.graph.nodes) == 2
     want = _reference_path(f, g, x0, theta, ts, dW, "euler")[-1]
-    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(simulate(f, g, x0, theta, ts, dW, trace=True), want, rtol=1e-12, atol=1e-12)
 
 
 def test_traced_solver_launches_fewer_ops_per_step_than_the_plain_loop(tmp_path):
-    """What the traced path is for, counted (not timed): GBM's step runs in fewer aten calls than a plain loop's."""
+    """What trace=True is for, counted (not timed): GBM's step runs in fewer aten calls than a plain loop's."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import profile
     profile.main(["--problem", "gbm", "--batch", "100", "--steps", "50", "--out", str(tmp_path)])
     import json
     r = json.loads((tmp_path / "profile.json").read_text())["methods"]
-    assert r["sdekit.simulate"]["ops_per_step"] < 0.7 * r["plain torch loop"]["ops_per_step"], r
+    assert r["sdekit.simulate(trace=True)"]["ops_per_step"] < 0.7 * r["plain torch loop"]["ops_per_step"], r
 
 
 def test_memory_of_end_solves_does_not_grow_with_steps():
@@ -365,11 +369,12 @@ def test_memory_of_end_solves_does_not_grow_with_steps():
         dW = torch.randn(n, 64, 1) / math.sqrt(n)
         solves = {"given": lambda: simulate(f, g, x0, theta, ts, dW),
                   "drawn": lambda: simulate(f, g, x0, theta, ts, generator=torch.Generator().manual_seed(0)),
+                  "traced": lambda: simulate(f, g, x0, theta, ts, dW, trace=True),
                   "forward": lambda: sensitivity.forward(f, g, x0, theta, ts, dW, save="end")}
         for name, fn in solves.items():
             fn()                                                     # trace outside the measurement
             peaks[name, n] = min(peak_memory_mib(fn) for _ in range(2))
-    growth = {k: peaks[k, 40_000] - peaks[k, 200] for k in ("given", "drawn", "forward")}
+    growth = {k: peaks[k, 40_000] - peaks[k, 200] for k in ("given", "drawn", "traced", "forward")}
     assert max(growth.values()) < 12.0, (growth, peaks)
 
 
@@ -401,18 +406,18 @@ def test_batch_innermost_loop_equals_the_eager_solve(noise, scheme, save):
     dW = torch.randn(30, 300, m, generator=gen, dtype=torch.float64) * 0.2
     extra = dict(levy_area=0.1 * torch.randn(30, 300, m, generator=gen, dtype=torch.float64)) if scheme == "srk" else {}
     kw = dict(scheme=scheme, noise=noise, save=save)
-    traced = simulate(f, g, x0, theta, ts, dW, **kw, **extra)
+    traced = simulate(f, g, x0, theta, ts, dW, trace=True, **kw, **extra)
     eager = simulate(f, g, x0, theta, ts, dW, trace=False, **kw, **extra)
     assert traced.is_contiguous()
     torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-12)
-    drawn = simulate(f, g, x0, theta, ts, generator=torch.Generator().manual_seed(2), **kw)
+    drawn = simulate(f, g, x0, theta, ts, generator=torch.Generator().manual_seed(2), trace=True, **kw)
     drawn_eager = simulate(f, g, x0, theta, ts, generator=torch.Generator().manual_seed(2), trace=False, **kw)
     torch.testing.assert_close(drawn, drawn_eager, rtol=1e-12, atol=1e-12)
 
 
 def test_batch_innermost_loop_steps_aside_for_fields_that_need_batch_first_storage(recwarn):
     """A g that reshapes x with .view cannot take a batch-innermost x: the loop keeps the usual layout, no warning."""
-    from sdekit.solvers import simulation
+    from sdekit.solvers import traced as simulation
     from sdekit.solvers._tracing import field_state
     C = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     f = lambda t, x, th: -th[0] * x
@@ -421,14 +426,14 @@ def test_batch_innermost_loop_steps_aside_for_fields_that_need_batch_first_stora
     theta = torch.tensor([0.7, 0.4], dtype=torch.float64)
     ts = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
     dW = 0.3 * torch.randn(10, 50, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    traced = simulate(f, g, x0, theta, ts, dW, noise="general")
+    traced = simulate(f, g, x0, theta, ts, dW, noise="general", trace=True)
     torch.testing.assert_close(traced, simulate(f, g, x0, theta, ts, dW, noise="general", trace=False), rtol=1e-12, atol=0)
     assert not [w for w in recwarn if "could not be traced" in str(w.message)]
     assert [ok for key, ok in simulation._INNER.items() if key[2] == field_state(f, g, None)[0]] == [False]
 
 
 def test_batch_inner_layout_keeps_values_and_shape():
-    from sdekit.solvers.simulation import _batch_inner
+    from sdekit.solvers.traced import batch_inner as _batch_inner
     v = torch.randn(5, 7, 3)
     w = _batch_inner(v, 1)
     assert torch.equal(w, v) and w.stride(1) == 1
@@ -469,7 +474,7 @@ def test_fusion_skips_products_broadcast_along_a_short_inner_axis():
 def test_double_buffered_steps_give_the_fresh_results_bitwise(noise, scheme, monkeypatch):
     """The traced loop writes each step's results into two alternating buffer sets: the solve is bitwise the one
     with fresh tensors every step, the path keeps every state, and the returned x is no longer written."""
-    from sdekit.solvers import simulation
+    from sdekit.solvers import traced as simulation
     from sdekit.solvers._tracing import double_buffered
     if noise == "diagonal":
         f, g, _ = _fields()
@@ -481,12 +486,13 @@ def test_double_buffered_steps_give_the_fresh_results_bitwise(noise, scheme, mon
         theta, ts = torch.tensor([0.7, 0.4], dtype=torch.float64), torch.linspace(0.0, 1.0, 13, dtype=torch.float64)
     buffered = []
     monkeypatch.setattr(simulation, "double_buffered", lambda step: buffered.append(getattr(step, "into", None)) or double_buffered(step))
-    got = {save: simulate(f, g, x0, theta, ts, scheme=scheme, noise=noise, save=save,
+    got = {save: simulate(f, g, x0, theta, ts, scheme=scheme, noise=noise, save=save, trace=True,
                           generator=torch.Generator().manual_seed(4)) for save in ("end", "path")}
     assert len(buffered) == 2 and all(into is not None for into in buffered)       # the traced steps have buffers
     monkeypatch.setattr(simulation, "double_buffered", lambda step: step)
     for save in ("end", "path"):
-        want = simulate(f, g, x0, theta, ts, scheme=scheme, noise=noise, save=save, generator=torch.Generator().manual_seed(4))
+        want = simulate(f, g, x0, theta, ts, scheme=scheme, noise=noise, save=save, trace=True,
+                        generator=torch.Generator().manual_seed(4))
         assert torch.equal(got[save], want), save
     assert torch.equal(got["path"][-1], got["end"])
 

@@ -556,7 +556,7 @@ def test_non_finite_inputs_are_refused_naming_the_argument_and_index(arg):
     values[arg][index] = float("inf") if arg == "dW" else float("nan")
     g = lambda t, x, th: 0.2 * x                                             # noqa: E731
     pattern = rf"{arg} must be finite, but {arg}\[{', '.join(map(str, index))}\] = (nan|inf)"
-    for kw in ({}, {"trace": False}, {"save": "path"}):
+    for kw in ({}, {"trace": True}, {"save": "path"}, {"save": "path", "trace": True}):
         with pytest.raises(ValueError, match=pattern):
             simulate(_f, g, values["x0"], values["theta"], values["ts"], values["dW"], "srk",
                      levy_area=values["levy_area"], **kw)
@@ -595,7 +595,7 @@ def test_a_path_that_becomes_non_finite_is_reported_with_its_step_and_time(schem
     assert n is not None and 100 <= n <= 111
     pattern = rf"non-finite at step {n} of {N} \(from t = {float(ts[n]):.6g} to t = {float(ts[n + 1]):.6g}\): x\[\d, \d\] = "
     levy = H if SCHEMES[scheme].needs_levy_area else None
-    for kw in ({}, {"trace": False}, {"save": "path"}):
+    for kw in ({}, {"trace": True}, {"save": "path"}, {"save": "path", "trace": True}):
         with pytest.raises(FloatingPointError, match=pattern):
             simulate(f, g, x0, TH, ts, dW, scheme, noise=noise, levy_area=levy, **kw)
     with pytest.raises(FloatingPointError, match=pattern):                     # taped: theta requires grad
@@ -647,7 +647,8 @@ def _guard_fields(noise, k_box, knob, w):
 @pytest.mark.parametrize("noise", ["diagonal", "scalar", "additive", "general"])
 def test_traced_step_gives_the_eager_answer_after_what_the_fields_read_changes(noise, recwarn):
     """For every scheme: change a closed-over scalar, a global, an attribute, and a tensor in place between solves;
-    the traced solve equals the eager one each time (and moves with the change), and no trace falls back."""
+    the traced solve (trace=True: its cache re-check catches these) equals the eager one each time (and moves with the
+    change), and no trace falls back."""
     global RATE
     B, d, N = 4, 2, 12
     m = {"diagonal": d, "scalar": 1}.get(noise, 2)
@@ -667,13 +668,13 @@ def test_traced_step_gives_the_eager_answer_after_what_the_fields_read_changes(n
             previous = None
             for change in [lambda: None] + changes:
                 change()
-                traced = simulate(f, g, x0, TH, ts, dW, scheme, noise=noise, levy_area=levy)
+                traced = simulate(f, g, x0, TH, ts, dW, scheme, noise=noise, levy_area=levy, trace=True)
                 eager = simulate(f, g, x0, TH, ts, dW, scheme, noise=noise, levy_area=levy, trace=False)
                 torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-13, msg=lambda msg: f"{scheme}: {msg}")
                 assert previous is None or not torch.allclose(traced, previous), scheme   # the change is seen
                 previous = traced
             # drawn noise traces too (its probe increments stand in for the first ones)
-            traced = simulate(f, g, x0, TH, ts, None, scheme, torch.Generator().manual_seed(1), noise=noise)
+            traced = simulate(f, g, x0, TH, ts, None, scheme, torch.Generator().manual_seed(1), noise=noise, trace=True)
             eager = simulate(f, g, x0, TH, ts, None, scheme, torch.Generator().manual_seed(1), noise=noise, trace=False)
             torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-13)
     finally:

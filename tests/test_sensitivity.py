@@ -10,6 +10,8 @@ from sdekit.sensitivity.compare import strong_errors
 from sdekit.sensitivity.problems import make_problem
 from sdekit.solvers import SCHEMES as REGISTRY
 
+from _cases import cover_each
+
 SCHEMES = ["euler", "milstein", "heun"]
 
 
@@ -33,7 +35,8 @@ def test_every_problem_is_checked():
     assert sorted(PROBLEM_NAMES) == sorted(PROBLEMS)
 
 
-@pytest.mark.parametrize("name, scheme", CASES)
+# the default run takes each problem and each scheme at least once; the other pairs run with -m slow (CI)
+@pytest.mark.parametrize("name, scheme", cover_each(CASES, 0, 1))
 def test_forward_equals_autograd_through_same_scheme(name, scheme):
     pb, x0, ts, dW = _setup(name)
     f = pb.drift(scheme)
@@ -65,7 +68,7 @@ def test_forward_equals_autograd_through_same_scheme(name, scheme):
 def test_eager_and_traced_paths_agree():
     pb, x0, ts, dW = _setup("neural", N=4)
     for scheme in SCHEMES:
-        _, J1 = sensitivity.forward(pb.drift(scheme), pb.g, x0, pb.theta, ts, dW, scheme, save="end")
+        _, J1 = sensitivity.forward(pb.drift(scheme), pb.g, x0, pb.theta, ts, dW, scheme, save="end", trace=True)
         _, J2 = sensitivity.forward(pb.drift(scheme), pb.g, x0, pb.theta, ts, dW, scheme, save="end", trace=False)
         assert (J1 - J2).abs().max() <= 1e-12 * J2.abs().max()
 

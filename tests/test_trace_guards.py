@@ -1,8 +1,9 @@
-"""Cached traces answer like the eager step whatever the fields read; the fusion pass keeps every trace.
+"""Cached traces (trace=True) catch the common ways fields change between solves; the fusion pass keeps every trace.
 
-A traced step freezes the Python values its fields read besides (t, x, theta). Each case below changes such
-a value between two solves and asserts that the traced solver and the traced forward sensitivity give the
-eager answer (and, where one exists, the closed form), not the first solve's.
+A traced step freezes the Python values its fields read besides (t, x, theta): that is trace=True's contract, and
+the default solve is eager. On top of the contract the cache re-checks a stored trace against the eager step; each
+case below changes such a value between two solves and asserts that the traced solver and the traced forward
+sensitivity still give the eager answer (and, where one exists, the closed form), not the first solve's.
 """
 import math
 
@@ -33,9 +34,9 @@ def _zero(t, x, th):
 def _solve_both(f, g=_zero):
     """(traced, eager) end states and (traced, eager) forward sensitivities."""
     x0, theta, ts, dW = _decay_inputs()
-    traced = simulate(f, g, x0, theta, ts, dW)
+    traced = simulate(f, g, x0, theta, ts, dW, trace=True)
     eager = simulate(f, g, x0, theta, ts, dW, trace=False)
-    J = sensitivity.forward(f, g, x0, theta, ts, dW, save="end")[1]
+    J = sensitivity.forward(f, g, x0, theta, ts, dW, save="end", trace=True)[1]
     J_eager = sensitivity.forward(f, g, x0, theta, ts, dW, save="end", trace=False)[1]
     return traced, eager, J, J_eager
 

@@ -76,9 +76,10 @@ def split_wrt(J: Tensor, wrt: str, P: int):
 
 
 def primal_runner(scheme: str, f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor, H: Tensor | None,
-                  *, noise: str = "diagonal", dg: Field | None = None, trace: bool = True):
-    """run(t, h, *state, dW_n, [H_n]) -> state: the scheme's step map with theta bound, traced once into straight-line
-    code (as `simulate` runs it) unless trace=False; the state is always a tuple (x,) or the scheme's own."""
+                  *, noise: str = "diagonal", dg: Field | None = None, trace: bool = False):
+    """run(t, h, *state, dW_n, [H_n]) -> state: the scheme's step map with theta bound, run eagerly, or traced once
+    into straight-line code with trace=True (as `simulate(trace=True)` runs it); the state is always a tuple (x,) or
+    the scheme's own."""
     sch = get_scheme(scheme)
     step = step_map(scheme, f, g, dg, noise=noise)
     wrap = (lambda y: y) if sch.stateful else (lambda y: (y,))

@@ -9,11 +9,12 @@ backend="native" (default)
     is the forward path up to round-off), then takes the vector-Jacobian product of the forward step map at that
     state. The gradient is therefore backprop's through the same discrete solve (to round-off: 1e-10 relative in
     float64 in the tests), with memory independent of N: one state, one adjoint, one step's intermediates.
-    The per-step backward (inverse step + VJP) is traced once into straight-line code, like the forward step.
+    With trace=True (under `simulate(trace=True)`'s purity contract) the per-step backward (inverse step + VJP)
+    is traced once into straight-line code, like the forward step; by default it runs eagerly.
   - any other scheme: checkpointed backprop. The forward pass stores the state every ceil(N / checkpoints) steps
     (default checkpoints = ceil(sqrt(N))); the backward pass re-runs each segment from its checkpoint, last segment
     first, keeping its states, and walks it backwards with one vector-Jacobian product of the step map per step
-    (traced, like the reversible adjoint's). Memory O(checkpoints + N / checkpoints) states and no tape, O(sqrt(N))
+    (traced with trace=True, like the reversible adjoint's). Memory O(checkpoints + N / checkpoints) states and no tape, O(sqrt(N))
     by default; time: two primal solves plus one VJP per step. Pass `checkpoints=` to trade memory for time.
 backend="checkpoint": checkpointed backprop for any scheme (reversible_heun too).
 backend="torchsde": `torchsde.sdeint_adjoint` on the same Brownian increments (via `sdekit.interop.torchsde`), with
@@ -43,7 +44,7 @@ BACKENDS = ("native", "checkpoint", "torchsde")
 def mean_gradient(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor | None,
                   loss: Callable[[Tensor], Tensor], scheme: str = "reversible_heun", *, noise: str = "diagonal",
                   levy_area: Tensor | None = None, bm=None, backend: str = "native", checkpoints: int | None = None,
-                  wrt: str = "theta", dg: Field | None = None, trace: bool = True, adjoint_method: str | None = None):
+                  wrt: str = "theta", dg: Field | None = None, trace: bool = False, adjoint_method: str | None = None):
     """d/dtheta of mean_b L(X_T^b) for the scheme's solve on ts driven by dW: (P,) (wrt="x0": (B, d); "both": the pair).
 
     f, g, x0 (B, d), theta (P,), ts (N+1,), dW (N, B, m), levy_area, bm, noise, scheme: as `sdekit.simulate`.

@@ -14,9 +14,11 @@ the scheme's `init`; J is the tangent of x.
 
 Each step is one `torch.func.jvp` of Phi with the K tangent directions (the columns of J, paired with the unit
 vectors of theta and/or x0) vmapped as a batch dimension, so f and g run once per step on the primal and once,
-batched, on the tangents. That vmapped JVP is traced once into straight-line aten code (`sdekit.solvers._tracing`:
-zero tangents made real, products fused into sums, theta-only ops hoisted out of the loop) and the loop runs that
-code N times. Nothing is taped; with save="end" memory does not grow with N.
+batched, on the tangents. By default that vmapped JVP runs eagerly each step, reading the fields' current values;
+trace=True (under `simulate(trace=True)`'s purity contract: f and g pure in (t, x, theta)) traces it once into
+straight-line aten code (`sdekit.solvers._tracing`: zero tangents made real, products fused into sums, theta-only
+ops hoisted out of the loop) and the loop runs that code N times. Nothing is taped; with save="end" memory does not
+grow with N.
 
 Why this design: measured against native dual numbers (torch.autograd.forward_ad, one pass of f and g per
 direction) on GBM (P=2, 4) and the 16-d neural SDE, N=100..10000, B=1e2..1e4, path and end, the traced vmapped JVP
@@ -37,7 +39,7 @@ __all__ = ["forward"]
 
 
 def forward(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tensor | None = None, scheme: str = "euler",
-            save: str = "path", J0: Tensor | None = None, trace: bool = True, dg: Field | None = None, *,
+            save: str = "path", J0: Tensor | None = None, trace: bool = False, dg: Field | None = None, *,
             noise: str = "diagonal", levy_area: Tensor | None = None, bm=None, wrt: str = "theta"):
     """Path X and sensitivity J of the discrete scheme, by forward-mode differentiation.
 
@@ -53,7 +55,8 @@ def forward(f: Field, g: Field, x0: Tensor, theta: Tensor, ts: Tensor, dW: Tenso
     save: "path" returns xs (N+1, B, d) and J (N+1, B, d, K) (a view of an (N+1, K, B, d) buffer); "end" returns
     X and J at ts[-1] only, (B, d) and (B, d, K), in memory independent of N.
     J0: (B, d, P) initial sensitivity dX_0/dtheta (e.g. a direction of the initial noise; wrt="theta" or "both");
-    zero if None. trace: run the per-step JVP as traced code (fast); False runs torch.func eagerly every step.
+    zero if None. trace=False (default) runs torch.func eagerly every step; trace=True runs the per-step JVP as traced
+    code (faster for cheap fields), under `simulate(trace=True)`'s purity contract.
     dg: dg_i/dx_i (B, d) for Milstein on diagonal noise, as in `sdekit.simulate` (differentiated like the rest).
     Not differentiable by autograd (J is computed in forward mode, detached from any tape).
     """

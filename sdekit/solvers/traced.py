@@ -34,8 +34,8 @@ def check_pure(solve: Solve) -> None:
     if not torch.is_grad_enabled():
         return
     y = solve.init(solve.x0.detach(), solve.theta.detach())
-    w = next(iter(solve.chunks()))
-    out = as_state(solve.step(solve.ts[0], solve.h[0], *y, *(v[0].detach() for v in w), solve.theta.detach()))
+    w = torch.full(solve.wshape, 0.1, dtype=solve.x0.dtype, device=solve.x0.device)   # (draws nothing)
+    out = as_state(solve.step(solve.ts[0], solve.h[0], *y, *(w,) * (2 if solve.levy else 1), solve.theta.detach()))
     if any(v.requires_grad for v in (*y, *out)):
         raise ValueError("simulate(trace=True): f or g reads tensors that require grad (module parameters, closed-over "
                          "tensors), and a trace freezes what the fields read besides (t, x, theta), so their gradient "
