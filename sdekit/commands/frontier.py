@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(sorted(EXACT_MIXTURES))}, or random:D,K,S (K random modes in D dimensions, seed S)")
     p.add_argument("--no-peers", action="store_true", help="sdekit alone")
     p.add_argument("--no-optimized", action="store_true", help="no optimised grids")
-    p.add_argument("--iterations", type=int, help="Adam iterations per optimised grid (default 60; with --run 30)")
+    p.add_argument("--iterations", type=int,
+                   help="Adam iterations per optimised grid (default 60; with --run 30, with --family 25)")
     p.add_argument("--run", help="a trained digits run (or checkpoint): compare on it by solver error and FD, budgets "
                                        "default 5,10")
     p.add_argument("--samples", type=int, help="with --run: samples per sampler (default: the held-out split's size)")
