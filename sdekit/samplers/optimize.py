@@ -41,8 +41,9 @@ from ..sde import SDE
 from .fingerprint import fingerprint
 from .grids import GRIDS, make_grid
 
-__all__ = ["OptimizedGrid", "optimize_grid", "calibration_set_for", "typical_error", "sample_distances", "grid_from_theta",
-           "load_grid", "save_grid", "optimized_grid", "fitted_for", "calibration_seed", "CALIBRATION_SEED"]
+__all__ = ["OptimizedGrid", "optimize_grid", "calibration_set_for", "typical_error", "sample_distances",
+           "grid_from_theta", "load_grid", "save_grid", "optimized_grid", "fitted_for", "calibration_seed",
+           "CALIBRATION_SEED"]
 
 
 def calibration_seed(seed: int) -> int:
@@ -62,7 +63,7 @@ class OptimizedGrid:
     sde: dict
     ts: list[float]
     init_grid: str
-    loss_init: float               # typical_error (mean log distance to the reference) on the calibration batch, start grid
+    loss_init: float               # typical_error (mean log distance to the reference), calibration batch, start grid
     loss: float                    # the same for the optimised grid
     iterations: int
     seconds: float
@@ -92,7 +93,8 @@ CACHE_VERSION = 3     # 1: mean distance; 2: typical_error; 3: keyed by what the
 
 
 def _key(sampler: str, steps: int, options: dict, sde_config: dict, fitted: dict) -> dict:
-    return dict(sampler=sampler, steps=int(steps), options=_plain(options), sde=_plain(sde_config), fitted_for=_plain(fitted))
+    return dict(sampler=sampler, steps=int(steps), options=_plain(options), sde=_plain(sde_config),
+                fitted_for=_plain(fitted))
 
 
 def _plain(value):
@@ -134,7 +136,8 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     spec = SAMPLERS[sampler]
     if spec.default_steps is None or spec.stochastic and not _deterministic(sampler, options or {}):
-        raise ValueError(f"optimize_grid: {sampler!r} with options {options or {}} is not a deterministic fixed-step sampler")
+        raise ValueError(f"optimize_grid: {sampler!r} with options {options or {}} is not a deterministic fixed-step "
+                         "sampler")
     options = dict(options or {})
     _check_options(sampler, spec.fn, options)
     if not isinstance(iterations, int) or iterations < 0:
@@ -173,7 +176,8 @@ def optimize_grid(score_fn: Callable, sde: SDE, shape: Sequence[int], sampler: s
     return OptimizedGrid(sampler=sampler, steps=int(steps), options=options, sde=sde.config(), ts=ts.tolist(),
                          init_grid=init_grid, loss_init=float(loss_init), loss=float(best_loss), iterations=iterations,
                          seconds=time.perf_counter() - t0, nfe=counted.nfe,
-                         calibration=dict(batch=shape[0], shape=list(shape), seed=seed, dtype=str(dtype).replace("torch.", ""),
+                         calibration=dict(batch=shape[0], shape=list(shape), seed=seed,
+                                          dtype=str(dtype).replace("torch.", ""),
                                           reference=f"rk45 rtol=atol={reference_tol:g}", lr=lr))
 
 
@@ -196,7 +200,8 @@ def calibration_set_for(score_fn: Callable, sde: SDE, shape: Sequence[int], refe
     """(x_T, rk45 solution at t_min from it), both `shape`: x_T drawn with a generator seeded by `seed`."""
     from . import sample
     shape = tuple(int(s) for s in shape)
-    x_T = sde.prior_sample(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype or torch.get_default_dtype())
+    x_T = sde.prior_sample(shape, generator=torch.Generator().manual_seed(seed),
+                           dtype=dtype or torch.get_default_dtype())
     x_T = x_T.to(device)
     with torch.no_grad():
         return x_T, sample(score_fn, sde, shape, "rk45", x_T=x_T, rtol=reference_tol, atol=reference_tol)
@@ -220,12 +225,14 @@ def _adam(loss_of, theta, opt, iterations, sampler, steps, progress):
             break
         opt.step()
         if progress:
-            print(f"optimize_grid {sampler} {steps} steps: iteration {it + 1}/{iterations} loss {value:.4e}", flush=True)
+            print(f"optimize_grid {sampler} {steps} steps: iteration {it + 1}/{iterations} loss {value:.4e}",
+                  flush=True)
     return best_loss, best_theta, loss_init
 
 
 def _deterministic(sampler: str, options: dict) -> bool:
-    return (sampler == "ddim" and options.get("eta", 0.0) == 0.0) or (sampler == "edm" and options.get("S_churn", 0.0) == 0.0)
+    return (sampler == "ddim" and options.get("eta", 0.0) == 0.0) or \
+        (sampler == "edm" and options.get("S_churn", 0.0) == 0.0)
 
 
 def load_grid(path: str | os.PathLike, sampler: str, steps: int, sde: SDE, options: dict | None = None, *,
@@ -251,7 +258,8 @@ def save_grid(path: str | os.PathLike, result: OptimizedGrid) -> None:
     cached = json.loads(path.read_text()) if path.exists() else {}
     grids = cached.get("grids", []) if cached.get("version") == CACHE_VERSION else []
     if not result.fitted_for:
-        raise ValueError("save_grid: the grid does not say what it was fitted for (OptimizedGrid.fitted_for, see fitted_for())")
+        raise ValueError("save_grid: the grid does not say what it was fitted for (OptimizedGrid.fitted_for, see "
+                         "fitted_for())")
     key = _key(result.sampler, result.steps, result.options, result.sde, result.fitted_for)
     grids = [g for g in grids if not all(g.get(k) == v for k, v in key.items())] + [asdict(result)]
     path.parent.mkdir(parents=True, exist_ok=True)
