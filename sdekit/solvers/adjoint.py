@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .brownian import chunk_steps, normal_chunks
 from .brownian_path import path_chunks
-from .problem import GIVEN_CHUNK, Solve, as_state, transformed
+from .problem import Solve, as_state, transformed
 
 __all__ = ["solve_adjoint", "field_parameters"]
 
@@ -146,7 +146,7 @@ class _AdjointSolve(torch.autograd.Function):
             from .schemes import inverse_map
             inv = inverse_map(solve.scheme, solve.f, solve.g, noise=solve.noise)
             y = end                                                      # walked back chunk by chunk
-            segments = [(s, min(s + GIVEN_CHUNK, solve.N), None) for s in reversed(range(0, solve.N, GIVEN_CHUNK))]
+            segments = [(s, e, None) for s, e in reversed(steps.chunk_bounds())]
         else:
             segments = [(s, min(s + ctx.seg, solve.N), ctx.kept[s]) for s in sorted(ctx.kept, reverse=True)]
         for start, stop, y_start in segments:
@@ -228,7 +228,7 @@ class _Steps:
     def __init__(self, solve: Solve):
         self.solve = solve
         self.kept: Tensor | tuple | None = None          # drawn increments that cannot be redrawn by chunk (srk)
-        self.states: list[tuple[int, Tensor]] = []       # (first step, generator state) of every drawn chunk
+        self.states: list[tuple[int, int, Tensor]] = []  # (first step, steps, generator state) of every drawn chunk
 
     def forward(self) -> Iterator[tuple[int, tuple]]:
         s = self.solve
@@ -255,9 +255,16 @@ class _Steps:
                 w = next(chunks)
             except StopIteration:
                 return
-            self.states.append((n, state))
+            self.states.append((n, w[0].shape[0], state))
             n += w[0].shape[0]
             yield w
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        """[start, stop) of the chunks the increments are read in: the drawn chunks, or chunk_steps-sized ones."""
+        if self.states:
+            return [(first, first + n) for first, n, _ in self.states]
+        c = chunk_steps(self.solve.wshape)
+        return [(i, min(i + c, self.solve.N)) for i in range(0, self.solve.N, c)]
 
     def segment(self, start: int, stop: int) -> tuple[Tensor, ...]:
         """The increments of steps [start, stop): (dW,) or (dW, H), each (stop - start, B, m)."""
@@ -274,11 +281,9 @@ class _Steps:
     def _redrawn(self, start: int, stop: int) -> tuple[Tensor]:
         """Drawn increments of steps [start, stop), redrawn from the saved generator state of each chunk."""
         s = self.solve
-        c = chunk_steps(s.wshape)
         gen = torch.Generator(device=s.generator.device)
         out = []
-        for first, state in self.states:
-            n = min(c, s.N - first)
+        for first, n, state in self.states:
             if first + n <= start or first >= stop:
                 continue
             gen.set_state(state)
