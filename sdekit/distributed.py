@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import math
 import os
 
@@ -27,10 +28,12 @@ DEFAULT_TIMEOUT_S = 1800.0    # a collective that waits longer than this for a p
 # --- processes ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Processes:
-    """This process's place among the launched processes: rank in [0, world), on `device`."""
+    """This process's place among the launched processes: rank in [0, world), on `device`; a reduction waits at most
+    `timeout` seconds for the others."""
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    timeout: float = DEFAULT_TIMEOUT_S
 
     @property
     def is_main(self) -> bool:
@@ -51,23 +54,51 @@ def processes(timeout: float = DEFAULT_TIMEOUT_S) -> Processes:
     state = require("accelerate", "several Monte Carlo processes").PartialState(
         **launch_kwargs(), timeout=datetime.timedelta(seconds=timeout))
     check_launch(state.num_processes)
-    return Processes(state.process_index, state.num_processes, state.device)
+    return Processes(state.process_index, state.num_processes, state.device, timeout)
+
+
+def _store():
+    """The process group's key-value store (the launcher's rendezvous), or None where torch does not expose it."""
+    from torch.distributed import distributed_c10d
+
+    try:
+        return distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _absent(store, key: str, world: int) -> list[int] | None:
+    """The ranks that did not mark `key` in the store (None when the store cannot be read: its host is gone)."""
+    try:
+        return [r for r in range(world) if not store.check([f"{key}/{r}"])]
+    except (RuntimeError, ValueError):
+        return None
+
+
+_reductions = itertools.count()
 
 
 def gather(obj, procs: Processes) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every process (pickled: float64 values travel exactly)."""
+    """[obj of rank 0, obj of rank 1, ...] on every process (pickled: float64 values travel exactly).
+
+    Each process marks its arrival in the group's store first, so that when a peer is lost (gloo: the connection
+    closes; a hung peer or NCCL: the group's timeout) the error names the ranks that never arrived."""
     if procs.world == 1:
         return [obj]
     import torch.distributed as dist
 
+    key, store = f"sdekit/reduction/{next(_reductions)}", _store()
+    if store is not None:
+        store.set(f"{key}/{procs.rank}", "1")
     out: list = [None] * procs.world
     try:
-        if dist.get_backend() == "gloo":      # the main process learns which ranks did not arrive, and says so
-            dist.monitored_barrier(wait_all_ranks=True)
         dist.all_gather_object(out, obj)
     except RuntimeError as err:          # gloo: connection closed by the peer; NCCL: the timeout (DistBackendError)
-        raise RuntimeError(f"process {procs.rank} of {procs.world}: lost a peer at the Monte Carlo reduction (a process "
-                           f"was killed, failed or hangs; the main process and the launcher name it): {err}") from err
+        absent = None if store is None else _absent(store, key, procs.world)
+        who = (f"process(es) {', '.join(map(str, absent))} of {procs.world} never reached it (killed, failed or hung)"
+               if absent else "a peer process stopped or stopped answering (the launcher's report names it)")
+        raise RuntimeError(f"process {procs.rank} of {procs.world}: lost a peer at the Monte Carlo reduction: {who}. "
+                           f"{err}") from err
     return out
 
 

@@ -1,10 +1,11 @@
 """Worker for tests/test_montecarlo_distributed.py: the Monte Carlo entry points on this process's share, and
 (optionally) the `sdekit sensitivity` command, under a launcher or alone.
 
-    python tests/_dist_montecarlo.py OUT [--kill-rank R] [--sensitivity ARGS...]
+    python tests/_dist_montecarlo.py OUT [--kill-rank R | --stop-rank R] [--timeout S] [--sensitivity ARGS...]
 
 Writes OUT/rank<r>.json: the estimates, and the path ranges this process evaluated. --kill-rank R: process R
-SIGKILLs itself in the middle of its share (the others must fail naming it, not hang).
+SIGKILLs itself in the middle of its share; --stop-rank R: it SIGSTOPs itself (a hung process); the others must
+fail naming it, not wait (--timeout: the process group's timeout, default 60 s).
 """
 import json
 import os
@@ -20,7 +21,7 @@ from sdekit.estimators.report import variance_sweep
 from sdekit.sensitivity.problems import make_problem
 
 
-def problems_run(procs, kill_rank=None) -> dict:
+def problems_run(procs, kill_rank=None, sig=signal.SIGKILL) -> dict:
     """E[X_T] of GBM (fixed x0) and dE[L]/dtheta of the reverse-time Gaussian sampler (random keyed x0)."""
     gbm = make_problem("gbm")
     ts = gbm.ts(8)
@@ -29,7 +30,7 @@ def problems_run(procs, kill_rank=None) -> dict:
     def values(a, b):
         ranges.append([a, b])
         if kill_rank == procs.rank and len(ranges) == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
         dW = montecarlo.keyed_increments(ts, a, b, 1, 3)
         return torch.sigmoid(gbm.loss(sdekit.simulate(gbm.f, gbm.g, gbm.x0(b - a), gbm.theta, ts, dW)))[:, None]
 
@@ -50,11 +51,15 @@ def problems_run(procs, kill_rank=None) -> dict:
 
 if __name__ == "__main__":
     out_dir, args = Path(sys.argv[1]), sys.argv[2:]
-    kill = int(args[1]) if args[:1] == ["--kill-rank"] else None
-    if kill is not None:
+    kill, sig, timeout = None, signal.SIGKILL, 60.0
+    while args[:1] in (["--kill-rank"], ["--stop-rank"], ["--timeout"]):
+        if args[0] == "--timeout":
+            timeout = float(args[1])
+        else:
+            kill, sig = int(args[1]), (signal.SIGKILL if args[0] == "--kill-rank" else signal.SIGSTOP)
         args = args[2:]
-    procs = montecarlo.processes(timeout=60)
-    result = problems_run(procs, kill)
+    procs = montecarlo.processes(timeout=timeout)
+    result = problems_run(procs, kill, sig)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{procs.rank}.json").write_text(json.dumps(result))
     if args[:1] == ["--sensitivity"]:

@@ -104,16 +104,28 @@ def test_killed_process_is_an_error_that_names_it(tmp_path):
     assert time.time() - t0 < 200
 
 
-@pytest.mark.slow
-def test_killed_process_without_an_agent_fails_the_others_naming_it(tmp_path):
-    """Processes started one by one, as srun starts them (no torchrun agent to stop the others): when rank 1 is
-    killed, rank 0 fails at the reduction naming rank 1, instead of waiting for it."""
-    base = dict(_env(True), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000), WORLD_SIZE="2",
-                LOCAL_WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "--kill-rank", "1"], cwd=ROOT,
+def _without_agent(tmp_path, *args: str, port: int) -> tuple[list[subprocess.Popen], str]:
+    """2 processes started one by one, as srun starts them (no torchrun agent to stop the others); rank 0's output."""
+    base = dict(_env(True), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *args], cwd=ROOT,
                               env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    out0 = procs[0].communicate(timeout=200)[0]
-    procs[1].communicate(timeout=60)
+    try:
+        return procs, procs[0].communicate(timeout=200)[0]
+    finally:
+        for p in procs:                                   # a stopped rank 1 (or a rank 0 that waits) is ours to end
+            p.kill()
+            p.communicate(timeout=60)
+
+
+@pytest.mark.slow
+def test_killed_or_hung_process_without_an_agent_fails_the_others_naming_it(tmp_path):
+    """Without an agent, rank 0 fails at the reduction naming rank 1 instead of waiting for it: at once when rank 1
+    was killed (its connection closes), after the process group's timeout (20 s here) when rank 1 hangs (SIGSTOP)."""
+    procs, out0 = _without_agent(tmp_path, "--kill-rank", "1", port=29000 + os.getpid() % 1000)
     assert procs[1].returncode == -9 and procs[0].returncode != 0
-    assert "lost a peer" in out0 and "Ranks 1 failed to pass monitoredBarrier" in out0, out0[-3000:]
+    assert "lost a peer" in out0 and "process(es) 1 of 2 never reached it" in out0, out0[-3000:]
+    t0 = time.time()
+    procs, out0 = _without_agent(tmp_path, "--stop-rank", "1", "--timeout", "20", port=30000 + os.getpid() % 1000)
+    assert procs[0].returncode != 0 and time.time() - t0 < 150
+    assert "lost a peer" in out0 and "process(es) 1 of 2 never reached it" in out0, out0[-3000:]
