@@ -53,15 +53,23 @@ class GridBrownian(torchsde.BaseBrownian):
     """A torchsde Brownian path through given increments dW: (N, B, D) on an increasing grid: (N+1,).
 
     A query over one grid interval [grid[i], grid[i+1]] returns dW[i] exactly (so a fixed-step solve on
-    the grid uses exactly these increments); W at other times interpolates the cumulative sums linearly.
+    the grid uses exactly these increments); W at other times interpolates the cumulative sums linearly
+    (made at the first such query: a solve on the grid holds no copy of the path).
     strict=True refuses any query that is not one grid interval, so a solver that sub-steps fails loudly.
     """
 
-    __slots__ = ("grid", "dW", "W", "strict")
+    __slots__ = ("grid", "dW", "_W", "strict")
 
     def __init__(self, grid: Tensor, dW: Tensor, strict: bool = False):
         self.grid, self.dW, self.strict = grid.contiguous(), dW, strict
-        self.W = torch.cat([torch.zeros_like(dW[:1]), dW.cumsum(0)])          # (N+1, B, D)
+        self._W = None
+
+    @property
+    def W(self) -> Tensor:
+        """The path at the grid times, W(grid[0]) = 0: (N+1, B, D)."""
+        if self._W is None:
+            self._W = torch.cat([torch.zeros_like(self.dW[:1]), self.dW.cumsum(0)])
+        return self._W
 
     def _at(self, t) -> Tensor:
         t = torch.as_tensor(t, dtype=self.grid.dtype).clamp(self.grid[0], self.grid[-1])
