@@ -224,8 +224,9 @@ def memory_probes(jobs: list[tuple[str, float]], paths: int, width: int, seed: i
     """In this (fresh) process: one warm-up gradient per backend on a tiny problem (code paths loaded), then per
     (backend, T) `repeats` forked children, each running the tiny gradient again (mapping the library pages it uses)
     and measuring the peak resident memory one gradient adds above its resident memory just before it (MiB, VmHWM
-    after a reset through /proc/self/clear_refs), and its time; the median is reported. Every child starts from the
-    same parent state, so no measurement reuses memory another one freed."""
+    after a reset through /proc/self/clear_refs, the heap's free pages returned to the OS first), and its time; the
+    median is reported. Every child starts from the same parent state, so no measurement reuses memory another one
+    freed."""
     torch.manual_seed(seed)
     model = NeuralSDE(width).to(DTYPE)
     tiny = make_data(2, 4 * H, seed)
@@ -242,6 +243,17 @@ def memory_probes(jobs: list[tuple[str, float]], paths: int, width: int, seed: i
     return rows
 
 
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): return the heap's free pages to the OS (no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _forked(backend: str, model: NeuralSDE, tiny: dict, data: dict) -> dict:
     """One gradient in a forked child: peak resident memory it adds (MiB) and its time."""
     read, write = os.pipe()
@@ -250,6 +262,7 @@ def _forked(backend: str, model: NeuralSDE, tiny: dict, data: dict) -> dict:
         try:
             # a fork shares the libraries' pages without mapping them: touch the code paths again first
             BACKENDS[backend](model, tiny["ts"], tiny["dW"], tiny["x"])
+            _trim_heap()                    # free heap pages the parent left resident would be reused unseen
             Path("/proc/self/clear_refs").write_text("5")          # peak (VmHWM) := current resident size
             before = _status_kib("VmRSS")
             t0 = time.perf_counter()
