@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -60,6 +61,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
         torch.testing.assert_close(accum[k], one[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow   # several launches of real processes; the default run keeps one launch of each kind
 def test_two_processes_match_one_process_with_dropout(tmp_path):
     """Dropout masks follow the global batch's rows: 2 processes x 16 = 1 process x 32, with dropout 0.3 in every
     residual block of a U-Net (that dropout acts, and that micro-batches slice one draw, test_training.py checks)."""
@@ -92,6 +94,7 @@ def test_distributed_sampling_equals_single_process(tmp_path):
         torch.testing.assert_close(load_file(str(tmp_path / launched / "samples.safetensors"))["samples"], one, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow   # several launches of real processes; the default run keeps one launch of each kind
 def test_torchrun_on_cpu_trains_one_run_with_two_processes(tmp_path):
     """torchrun --nproc_per_node 2 on a machine without a GPU: one gloo group (world size 2), equal to one process
     with the same global batch, not two independent runs writing into one folder."""
@@ -108,6 +111,7 @@ def test_torchrun_on_cpu_trains_one_run_with_two_processes(tmp_path):
     assert len(log) == 2, log   # one writer: steps 5 and 10 logged once each
 
 
+@pytest.mark.slow   # several launches of real processes; the default run keeps one launch of each kind
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     common = [*SMALL, "train.steps=300", "train.batch_size=32", "train.ckpt_every=25", "train.keep_checkpoints=3"]
     _launch(1, WORKER, str(tmp_path / "full"), *common)

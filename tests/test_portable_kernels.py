@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # one or two of each kind: JAX vs torch closed forms and networks, a peer (diffusers) in float32, a batched network
 # call vs two calls, fused vs unfused kernels bitwise, the traced solver vs the textbook map, forward sensitivity vs
-# autograd, an estimator identity through two backward graphs
+# autograd, schemes against torchsde, Brownian refinements, an estimator identity through two backward graphs
 CHECKS = [
     "tests/test_interop.py::test_sde_closed_forms_in_jax_equal_torch",
     "tests/test_interop.py::test_exported_mlp_equals_torch",
@@ -33,6 +33,8 @@ CHECKS = [
     "tests/test_trace_guards.py::test_folded_scalar_products_are_bitwise_the_unfused_ones",
     "tests/test_fast_paths.py",
     "tests/test_sensitivity_agreement.py",
+    "tests/test_sde_schemes.py",
+    "tests/test_brownian_paths.py",
     "tests/test_vae.py::test_dreg_training_step_keeps_iwae_decoder_gradient",
 ]
 ORDER = ["DEFAULT", "AVX2", "AVX512"]

@@ -16,6 +16,8 @@ from sdekit.sensitivity import adjoint, backprop, finite_diff
 from sdekit.solvers import NOISE_TYPES, SCHEMES
 from sdekit.solvers.brownian_path import BrownianGrid
 
+from _cases import cover_each
+
 DT = torch.float64
 B, d, N = 3, 2, 6
 A = torch.tensor([[0.2, -0.5], [0.4, -0.3]], dtype=DT)
@@ -64,7 +66,8 @@ def test_the_case_table_covers_every_scheme_and_noise_type():
     assert len(CASES) == sum(len(s.orders) for s in SCHEMES.values())
 
 
-@pytest.mark.parametrize("scheme, noise", CASES)
+# the default run takes each scheme and each noise type at least once; the other pairs run with -m slow (CI)
+@pytest.mark.parametrize("scheme, noise", cover_each(CASES, 0, 1))
 def test_forward_backprop_adjoint_and_finite_differences_agree(scheme, noise):
     g = DIFFUSIONS[noise]
     for reverse in (False, True):
