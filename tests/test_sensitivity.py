@@ -85,6 +85,7 @@ def test_gbm_closed_form_matches_forward_at_fine_steps():
     assert ((J - J_exact).abs().mean() / J_exact.abs().mean()) < 0.01
 
 
+@pytest.mark.slow   # 400 paths x 6 levels x 7 schemes on the eager path (about 30 s of CPU); CI runs it
 def test_strong_order_of_J_on_gbm():
     # mean |J_h - J| at T over 400 paths, h = 1/16 ... 1/512 on one fine Brownian path per sample (with Levy areas,
     # for srk). Tolerance: slope within 0.15 of the strong order each scheme declares in the registry for diagonal
