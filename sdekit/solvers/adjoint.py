@@ -115,17 +115,19 @@ class _AdjointSolve(torch.autograd.Function):
         steps = _Steps(solve)
         N = solve.N
         seg = N if sch.inverse is not None else math.ceil(N / math.ceil(math.sqrt(N)))
-        y, kept, xs = solve.init(), {}, [solve.x0]
+        from .simulation import check_parasitic, parasitic_gap
+        y, kept, xs, first_gap = solve.init(), {}, [solve.x0], None
         for n, w in steps.forward():
             if n % seg == 0:
                 kept[n] = y
             y = as_state(solve.step(solve.ts[n], solve.h[n], *y, *w, solve.theta))
             if solve.save == "path":
                 xs.append(y[0])
+            if n == 0:
+                first_gap = parasitic_gap(solve.scheme, y)
         if solve.check_finite and not bool(torch.isfinite(y[0]).all()):
             solve.raise_non_finite(torch.stack(xs) if solve.save == "path" else None)
-        from .simulation import check_parasitic
-        check_parasitic(solve.scheme, y)
+        check_parasitic(solve.scheme, y, first_gap)
         ctx.solve, ctx.steps, ctx.kept, ctx.seg, ctx.end = solve, steps, kept, seg, y
         ctx.save_for_backward(*params)
         return torch.stack(xs) if solve.save == "path" else y[0].clone()
