@@ -27,7 +27,7 @@ CHECK_EVERY = 64       # steps between the on-device finiteness checks of the st
 
 
 def per_step(*seqs: Tensor, block: int = 256) -> Iterator[tuple[Tensor, ...]]:
-    """(seqs[0][n], seqs[1][n], ...) for each step n, the sequences aligned on their first axis (zip's length).
+    """`(seqs[0][n], seqs[1][n], ...)` for each step n, the sequences aligned on their first axis (zip's length).
 
     The per-step views are made `block` steps at a time: made all at once they cost ~0.7 kB per step, so a
     solve keeping only its end state would hold memory growing with N.
