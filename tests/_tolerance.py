@@ -59,7 +59,8 @@ def mlp_roundoff(net, x: torch.Tensor, c_noise: torch.Tensor, dtype=torch.float3
     x, c = f64(x), f64(c_noise).expand(x.shape[0]) if c_noise.ndim == 0 else f64(c_noise)
     freqs = f64(net.time.freqs) * torch.pi
     angles = c[:, None] * freqs[None, :]
-    err_angles = freqs[None, :] * torch.as_tensor(c_noise_error, dtype=torch.float64).reshape(-1, 1) + 2 * u * angles.abs()
+    c_err = torch.as_tensor(c_noise_error, dtype=torch.float64).reshape(-1, 1)
+    err_angles = freqs[None, :] * c_err + 2 * u * angles.abs()
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], -1)
     err_emb = torch.cat([err_angles, err_angles], -1) + TRANSCENDENTAL_OPS * u
     err_x = torch.as_tensor(input_error, dtype=torch.float64).expand_as(x)

@@ -1,14 +1,12 @@
 """Classifier-free guidance: scale 0 is exactly the unconditional model, 1 exactly the conditional one, for any sampler."""
 import pytest
 import torch
-
-import sdekit
-from sdekit_models.unet import UNet
-from sdekit.guidance import guided_score
-from sdekit.precond import Denoiser
-
 from _tolerance import fan_in_ops, roundoff
 
+import sdekit
+from sdekit.guidance import guided_score
+from sdekit.precond import Denoiser
+from sdekit_models.unet import UNet
 
 
 def _denoiser(num_classes=10, sde=None):
@@ -23,7 +21,8 @@ def test_scales_zero_and_one_are_exact_and_others_interpolate():
     # float64: other scales batch [x; x] into one call of 2B, whose kernels may sum in another order than the two
     # calls of B; in float64 that round-off is far below any mistake in the combination
     den = _denoiser().double()
-    x, t, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.rand(6, dtype=torch.float64) * 0.9 + 0.05, torch.arange(6)
+    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.arange(6)
+    t = torch.rand(6, dtype=torch.float64) * 0.9 + 0.05
     with torch.no_grad():
         uncond, cond = den(x, t), den(x, t, labels=y)
         assert (cond - uncond).abs().max() > 1e-3          # the labels matter, so the checks below can fail

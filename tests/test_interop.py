@@ -7,14 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _tolerance import SCHEDULE_OPS, mlp_roundoff, roundoff
 
 import sdekit
 from sdekit.precond import PREDICTIONS
 from sdekit.samplers import sample
 from sdekit.samplers.grids import make_grid
 from sdekit.samplers.reverse_sde import euler_maruyama
-
-from _tolerance import SCHEDULE_OPS, mlp_roundoff, roundoff
 
 pytest.importorskip("torchsde")
 jax = pytest.importorskip("jax")
@@ -157,9 +156,9 @@ def test_diffrax_probability_flow_equals_rk45_reference():
 @pytest.fixture(scope="module")
 def trained():
     """A sdekit_models.mlp.MLP trained for 150 Adam steps of denoising score matching on the mixture."""
-    from sdekit_models.mlp import MLP
     from sdekit.losses import dsm_loss
     from sdekit.precond import Denoiser
+    from sdekit_models.mlp import MLP
 
     torch.manual_seed(0)
     sde, gmm = sdekit.VPSDE(), mixture().to(torch.float32)
@@ -207,9 +206,9 @@ def test_exported_mlp_equals_torch(trained):
 
 
 def denoiser_roundoff(den, x: torch.Tensor, t: float, score: np.ndarray, dtype) -> float:
-    """Round-off bound for two evaluations of Denoiser.score: the network's bound (its inputs x / alpha, log(sigma /
-    alpha) / 4 carrying SCHEDULE_OPS roundings of the schedule's exp/expm1/sqrt/log) times the read-out's slope, plus its
-    roundings on the terms it combines (x / sigma^2 and the output / sigma), whichever prediction type."""
+    """Round-off bound for two evaluations of Denoiser.score: the network's bound (its inputs x / alpha and
+    log(sigma / alpha) / 4 carrying SCHEDULE_OPS roundings of the schedule's exp/expm1/sqrt/log) times the read-out's
+    slope, plus its roundings on the terms it combines (x / sigma^2 and the output / sigma), whichever prediction."""
     from sdekit.precond import edm_coefficients
 
     tt = torch.tensor(t, dtype=torch.float64)
@@ -218,7 +217,8 @@ def denoiser_roundoff(den, x: torch.Tensor, t: float, score: np.ndarray, dtype) 
     x_in, c_noise = c_in * x.double() / alpha, torch.log(tt.new_tensor(sigma / alpha)) / 4
     with torch.no_grad():
         out = den.net(x_in.to(dtype), c_noise.to(dtype).expand(x.shape[0]))
-        net_err = float(mlp_roundoff(den.net, x_in, c_noise, dtype, input_error=roundoff(dtype, x_in.abs(), SCHEDULE_OPS),
+        net_err = float(mlp_roundoff(den.net, x_in, c_noise, dtype,
+                                     input_error=roundoff(dtype, x_in.abs(), SCHEDULE_OPS),
                                      c_noise_error=roundoff(dtype, 1.0 + c_noise.abs(), SCHEDULE_OPS)).max())
     terms = max(float(np.abs(score).max()), float(x.abs().max()) / sigma**2, float(out.abs().max()) / sigma)
     # |d score / d output| <= 1/sigma (eps, v, edm: c_out <= sigma/alpha), alpha/sigma^2 (x0), 1 (score)

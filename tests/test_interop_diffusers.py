@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tolerance import SCHEDULE_OPS, roundoff
 
 import sdekit
 from sdekit.samplers import sample
-
-from _tolerance import SCHEDULE_OPS, roundoff
 
 diffusers = pytest.importorskip("diffusers")
 from sdekit.interop.diffusers import DiscreteVPSDE, from_diffusers  # noqa: E402

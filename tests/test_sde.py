@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
+from _tolerance import roundoff
 
 from sdekit.sde import EDM, VESDE, VPSDE, SubVPSDE
-
-from _tolerance import roundoff
 
 SDES = {
     "vp_linear": lambda: VPSDE(0.1, 20.0),

@@ -10,13 +10,12 @@ import math
 
 import pytest
 import torch
+from _cases import cover_each
 
 from sdekit import sensitivity, simulate
 from sdekit.sensitivity import adjoint, backprop, finite_diff
 from sdekit.solvers import NOISE_TYPES, SCHEMES
 from sdekit.solvers.brownian_path import BrownianGrid
-
-from _cases import cover_each
 
 DT = torch.float64
 B, d, N = 3, 2, 6

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tolerance import fan_in_ops, roundoff
 
 from sdekit.estimators import clamped_logvar_scale, softplus_scale
 from sdekit.estimators.failures import bonferroni_z
-
-from _tolerance import fan_in_ops, roundoff
 
 Z = 4.0
 _spec = importlib.util.spec_from_file_location("vae_digits", Path(__file__).parents[1] / "examples" / "vae_digits.py")
