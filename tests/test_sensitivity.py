@@ -2,6 +2,7 @@
 and a differentiable diffusion sampler."""
 import pytest
 import torch
+from _cases import cover_each
 
 import sdekit
 from sdekit import sensitivity, simulate
@@ -9,8 +10,6 @@ from sdekit.sensitivity import backprop, brownian_increments
 from sdekit.sensitivity.compare import strong_errors
 from sdekit.sensitivity.problems import make_problem
 from sdekit.solvers import SCHEMES as REGISTRY
-
-from _cases import cover_each
 
 SCHEMES = ["euler", "milstein", "heun"]
 
