@@ -19,14 +19,15 @@ Both compute backprop's gradient through the same discrete reversible-Heun solve
 adjoint of Kidger et al. 2021), so at the first step they must agree to round-off in float64 (reported: max
 relative difference over every weight, and against plain backprop through sdekit's eager solve). Reported side by
 side: seconds per iteration (median and quartiles over the alternating iterations, and the median of the paired
-per-iteration ratios; under a shared CPU these are noisy, read them as ranges), and the peak memory an iteration
-adds above what the process holds before it (VmHWM, reset through /proc/self/clear_refs, each backend in its own
-fresh subprocess, at the training N and at 4N: an adjoint's memory should not grow with N; plain backprop through
-sdekit's solve is measured beside them for contrast). Then the learned drift against the true one: the model's
-Ito drift f + g g'/2 (the Stratonovich model's drift in the truth's calculus) against x - x^3, RMS over the data's
-range, before and after training.
+per-iteration ratios; under a shared CPU these are noisy, read them as ranges), seconds per gradient at a larger
+batch (--memory-paths, alternating), and the peak memory one gradient adds above what the process holds before it
+(VmHWM, reset through /proc/self/clear_refs, each measurement in a fork of one fresh process, at the training N
+and at 4N; plain backprop through sdekit's solve beside them for contrast: its tape grows with N). Then the
+learned drift against the true one: the model's Ito drift f + g g'/2 (the Stratonovich model's drift in the
+truth's calculus) against x - x^3, RMS evenly over the data's range and at the data's own points, before and after
+training.
 
-    .venv/bin/python examples/neural_sde.py            # about 3 minutes on 2 CPU cores
+    .venv/bin/python examples/neural_sde.py            # about 4 minutes on 2 CPU cores (6 under load)
     .venv/bin/python examples/neural_sde.py --quick    # about 20 s: fewer paths and iterations
 
 Writes --out/neural_sde.png (loss curves of both trainings; learned drift and diffusion against the truth) next to
@@ -212,6 +213,26 @@ def timing_summary(seconds: dict) -> dict:
     return out
 
 
+def gradient_timing(paths: int, T: float, width: int, seed: int, repeats: int = 6) -> dict:
+    """Seconds per gradient (no optimiser step) of each backend at another batch size, alternating the order,
+    `repeats` rounds (the first left out): median per backend and median of the paired ratios sdekit / torchsde."""
+    data = make_data(paths, T, seed)
+    torch.manual_seed(seed)
+    model = NeuralSDE(width).to(DTYPE)
+    args = (model, data["ts"], data["dW"], data["x"])
+    seconds = {k: [] for k in BACKENDS}
+    for r in range(repeats):
+        for k in (list(BACKENDS) if r % 2 == 0 else list(BACKENDS)[::-1]):
+            t0 = time.perf_counter()
+            BACKENDS[k](*args)
+            seconds[k].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v[1:]) for k, v in seconds.items()}
+    out["ratio_sdekit_over_torchsde"] = statistics.median(a / b for a, b in zip(seconds["sdekit"][1:],
+                                                                               seconds["torchsde"][1:]))
+    out["paths"] = paths
+    return out
+
+
 # --- memory, one backend per fresh process -------------------------------------------------------------------
 def _status_kib(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -238,8 +259,7 @@ def memory_probes(jobs: list[tuple[str, float]], paths: int, width: int, seed: i
         runs = [_forked(backend, model, tiny, data) for _ in range(repeats)]
         rows.append({"backend": backend, "steps": round(t_end / H), "paths": paths,
                      "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in runs),
-                     "peak_extra_mib_runs": [r["peak_extra_mib"] for r in runs],
-                     "seconds": statistics.median(r["seconds"] for r in runs)})
+                     "peak_extra_mib_runs": [r["peak_extra_mib"] for r in runs]})
     return rows
 
 
@@ -255,7 +275,7 @@ def _trim_heap() -> None:
 
 
 def _forked(backend: str, model: NeuralSDE, tiny: dict, data: dict) -> dict:
-    """One gradient in a forked child: peak resident memory it adds (MiB) and its time."""
+    """One gradient in a forked child: the peak resident memory it adds (MiB)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:                                       # the child: measure, report through the pipe, exit at once
@@ -265,9 +285,8 @@ def _forked(backend: str, model: NeuralSDE, tiny: dict, data: dict) -> dict:
             _trim_heap()                    # free heap pages the parent left resident would be reused unseen
             Path("/proc/self/clear_refs").write_text("5")          # peak (VmHWM) := current resident size
             before = _status_kib("VmRSS")
-            t0 = time.perf_counter()
             BACKENDS[backend](model, data["ts"], data["dW"], data["x"])
-            row = {"peak_extra_mib": (_status_kib("VmHWM") - before) / 1024, "seconds": time.perf_counter() - t0}
+            row = {"peak_extra_mib": (_status_kib("VmHWM") - before) / 1024}
         except Exception as err:                       # noqa: BLE001  (reported by the parent)
             row = {"error": repr(err)}
         os.write(write, json.dumps(row).encode())
@@ -371,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(args.paths, args.T, args.seed)
     res = train(data, args.iters, args.batch, args.lr, args.width, args.seed, progress=not args.no_progress)
     timing = timing_summary(res["seconds"])
+    timing_wide = None
+    if args.memory_paths != args.batch:
+        if not args.no_progress:
+            print(f"timing gradients at {args.memory_paths} paths ...", flush=True)
+        timing_wide = gradient_timing(args.memory_paths, args.T, args.width, args.seed)
     if not args.no_progress:
         print("measuring peak memory (one subprocess) ...", flush=True)
     memory = [] if args.no_memory else measure_memory(args.memory_paths, args.T, args.width, args.seed,
@@ -392,10 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         t = timing[k]
         print(f"{k:<10} {t['median']:>14.4f} [{t['q1']:.4f}, {t['q3']:.4f}]")
     print(f"sdekit / torchsde time per iteration (median of paired ratios): {timing['ratio_sdekit_over_torchsde']:.2f}")
+    if timing_wide is not None:
+        print(f"one gradient at {timing_wide['paths']} paths (median of 5, alternating): "
+              + ", ".join(f"{k} {timing_wide[k]:.3f} s" for k in BACKENDS)
+              + f"; sdekit / torchsde {timing_wide['ratio_sdekit_over_torchsde']:.2f}")
     if memory:
         print(f"peak memory added by one gradient (MiB), {args.memory_paths} paths, each row in a fresh fork:")
         for r in memory:
-            print(f"  {r['backend']:<16} N = {r['steps']:>4}: {r['peak_extra_mib']:8.1f} MiB  ({r['seconds']:.3f} s)")
+            print(f"  {r['backend']:<16} N = {r['steps']:>4}: {r['peak_extra_mib']:8.1f} MiB")
     print(f"drift RMS error against x - x^3, evenly on {X_RANGE} / at the data's points: initial "
           f"{drift['initial_rms']:.3f} / {drift['initial_rms_on_data']:.3f}, learned sdekit "
           f"{drift['sdekit_rms']:.3f} / {drift['sdekit_rms_on_data']:.3f}, torchsde {drift['torchsde_rms']:.3f} / "
@@ -405,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = {"config": {**{k: v for k, v in vars(args).items() if k != "memory_probe"}, "steps": N, "h": H,
                           "sigma": SIGMA, "data_substeps": FINE, "dtype": "float64"},
-               "first_gradients_max_rel_diff": fg, "seconds_per_iteration": timing, "memory": memory,
+               "first_gradients_max_rel_diff": fg, "seconds_per_iteration": timing,
+               "seconds_per_gradient_at_memory_paths": timing_wide, "memory": memory,
                "drift": drift, "learned_sigma_mean": sigma_learned, "curves": res["curves"],
                "seconds_total": time.time() - t_start}
     (out / "neural_sde.json").write_text(json.dumps(summary, indent=1))
