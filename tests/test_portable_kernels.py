@@ -56,8 +56,9 @@ def test_round_off_checks_pass_on_other_kernels(capability):
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa={xla_isa}".strip())
     assert _capability(env) == capability.upper()     # the variable did switch torch's kernels
     # not the torch.compile variants: with ATEN_CPU_CAPABILITY=default inductor writes scalar C++ that torch 2.13's
-    # own headers do not compile (at::vec::VectorizedN undeclared), a compile error and not a round-off question
+    # own headers do not compile (at::vec::VectorizedN undeclared), a compile error and not a round-off question;
+    # nor the memory-growth test (minutes of long solves, no comparison of values)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging", "--tb=short", "-rf",
-           "-k", "not compiled", *CHECKS]
+           "-k", "not compiled and not memory", *CHECKS]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
