@@ -102,6 +102,7 @@ def methods(p, B: int, N: int, device: str, jax_ok: bool, with_path: bool = True
         pass
     if jax_ok and device == "cpu":
         import jax.numpy as jnp
+
         from . import jax_sims as J
         jf, jg, jth = J.fields("gbm" if p.name == "gbm" else "neural", p.params)
         grad = J.diffrax_grad(jf, jg, T, N)
@@ -135,6 +136,7 @@ def gradient_methods(p, x0, ts, dW, jax_ok: bool, torchsde_max_steps: int, devic
         pass
     if jax_ok and device == "cpu":
         import jax.numpy as jnp
+
         from . import jax_sims as J
         jf, jg, jth = J.fields("gbm" if p.name == "gbm" else "neural", p.params)
         jx0, jdW = jnp.asarray(x0.cpu().numpy()), jnp.asarray(dW.movedim(0, 1).cpu().numpy())
@@ -149,6 +151,7 @@ def _diffrax_grad(f, g, T_: float, N: int, solver: str):
     import diffrax
     import jax
     import lineax
+
     from .jax_sims import _Increments
     h = T_ / N
 
@@ -202,7 +205,7 @@ def adjoint_sweep(quick: bool, device: str, repeats: int, jax_ok: bool, progress
             fn()                                        # warm: traces cached, allocator settled
             flat.append(dict(sweep="adjoint_memory", problem=p.name, batch=Bl, steps=N, method=name,
                              peak_mib=max(peak_memory_mib(fn, device) for _ in range(2))))
-        del dW
+        dW = fn = None                                  # the increments go before the next N's are drawn
         progress(f"  adjoint memory B={Bl} N={N}: " + ", ".join(f"{r['method']} {r['peak_mib']:.1f} MiB"
                                                               for r in flat if r["steps"] == N))
     return rows + flat, {"adjoint_batch": B, "adjoint_steps": list(steps), "adjoint_memory_batch": Bl}

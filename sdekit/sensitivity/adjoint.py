@@ -27,7 +27,7 @@ backend="torchsde": `torchsde.sdeint_adjoint` on the same Brownian increments (v
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

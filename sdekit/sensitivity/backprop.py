@@ -7,13 +7,13 @@ registered scheme and noise type, and wrt="theta" | "x0" | "both" (see `sensitiv
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..solvers import Field, simulate
-from ._common import check_wrt, increments, split_wrt
+from ._common import check_wrt, increments
 
 __all__ = ["jacobian", "path_gradients", "mean_gradient"]
 

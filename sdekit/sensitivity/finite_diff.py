@@ -10,7 +10,7 @@ state (each path's own x0: the k-th coordinate of every row moved at once).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -36,8 +36,8 @@ Reverse time (t_max -> t_min, decreasing grid), VP diffusion samplers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ def discrete_expectation(problem: Problem, scheme: str, ts: Tensor, theta: Tenso
         dw_rows = dw.repeat_interleave(rows, 0)
         H_rows = None if H is None else H.repeat_interleave(rows, 0)
 
-        def one(ys):
+        def one(ys, n=n, dw_rows=dw_rows, H_rows=H_rows):          # (called within this iteration)
             args = (*ys, dw_rows) + ((H_rows,) if levy else ()) + (theta,)
             return wrap(step(ts[n], h[n], *args))
         M, c = _affine(one, like0, K)                                   # (K, D, D), (K, D)

@@ -17,10 +17,31 @@ _tracing    traces a step once into straight-line aten code (behind trace=True o
 from .brownian import brownian_increments, chunk_steps, normal_chunks
 from .brownian_path import BrownianGrid, BrownianPath, VirtualBrownianTree
 from .dopri import dopri5
-from .schemes import (NOISE_TYPES, SCHEMES, STRONG_ORDER, Field, Scheme, check_additive_noise, check_diagonal_noise,
-                      check_inputs, euler_heun_step, euler_step, g_prod, get_scheme, heun_step, init_state, inverse_map,
-                      ito_correction, ito_to_stratonovich, midpoint_step, milstein_step, reversible_heun_step, srk_step,
-                      step_map, stratonovich_to_ito)
+from .schemes import (
+                      NOISE_TYPES,
+                      SCHEMES,
+                      STRONG_ORDER,
+                      Field,
+                      Scheme,
+                      check_additive_noise,
+                      check_diagonal_noise,
+                      check_inputs,
+                      euler_heun_step,
+                      euler_step,
+                      g_prod,
+                      get_scheme,
+                      heun_step,
+                      init_state,
+                      inverse_map,
+                      ito_correction,
+                      ito_to_stratonovich,
+                      midpoint_step,
+                      milstein_step,
+                      reversible_heun_step,
+                      srk_step,
+                      step_map,
+                      stratonovich_to_ito,
+)
 from .simulation import per_step, simulate
 
 __all__ = ["simulate", "SCHEMES", "Scheme", "STRONG_ORDER", "NOISE_TYPES", "Field", "get_scheme", "step_map", "inverse_map",

@@ -32,14 +32,14 @@ import functools
 import types
 import warnings
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["trace_step", "cached_trace", "field_state", "double_buffered"]
 
-_CACHE: "OrderedDict[tuple, Callable]" = OrderedDict()
+_CACHE: OrderedDict[tuple, Callable] = OrderedDict()
 _CACHE_SIZE = 32
 
 _aten = torch.ops.aten
@@ -522,7 +522,7 @@ def field_state(*fns: Callable | None, depth: int = 6) -> tuple[tuple, bool]:
 
 def _has_contents(cell) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
     except ValueError:                                 # a cell not yet assigned
         return False
     return True

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -166,7 +166,8 @@ class _AdjointSolve(torch.autograd.Function):
                         y = as_state(inv(ts[n], h[n], *y, *w, theta))
                 else:
                     y = states.pop()
-                grads = _vjp(lambda *v: as_state(solve.step(ts[n], h[n], *v[:len(y)], *w, v[len(y)])),
+                k = len(y)
+                grads = _vjp(lambda *v, n=n, w=w, k=k: as_state(solve.step(ts[n], h[n], *v[:k], *w, v[k])),
                              y, inputs, a, leaves)
                 a = grads[:len(y)]
                 g_theta = g_theta + grads[len(y)]

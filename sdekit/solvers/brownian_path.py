@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -169,7 +169,7 @@ class BrownianGrid(BrownianPath):
 
     @classmethod
     def draw(cls, ts: Tensor, shape: Sequence[int], generator: torch.Generator | None = None, *,
-             levy_area: bool = False, dtype: torch.dtype | None = None, device=None) -> "BrownianGrid":
+             levy_area: bool = False, dtype: torch.dtype | None = None, device=None) -> BrownianGrid:
         """Increments sqrt(|h_k|) z_k on ts, z in the chunks `simulate(dW=None, generator=generator)` draws, so
         both give the same increments for the same seed (then, with levy_area, H_k = sqrt(|h_k| / 12) z'_k)."""
         dtype = dtype or ts.dtype
@@ -279,7 +279,7 @@ class VirtualBrownianTree(BrownianPath):
         self._k = 4 if self.levy_area else 2                 # a node's state: (W(s), [I(s)], W, [H]) over the node
         self._numel = max(1, math.prod(self.shape))
         self._cache_size = max(4 * self.depth + 8, int(cache_mib * 2**20 / (8 * self._k * self._numel)))
-        self._cache: "OrderedDict[tuple[int, int], Tensor]" = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
         self._split: dict[int, Tensor] = {}
         self._gen = torch.Generator(device=self.device)
 

@@ -13,7 +13,7 @@ eagerly: inductor's tanh is slower than torch's there).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -79,7 +79,7 @@ def solve_compiled(solve: Solve, mode: bool | str) -> Tensor:
         raise ValueError("simulate(compile='reduce-overhead') replays CUDA graphs, which take no gradient: run it under "
                          "torch.no_grad(), or use compile=True")
     taped = torch.is_grad_enabled()
-    N, ts, h, x0 = solve.N, solve.ts, solve.h, solve.x0
+    ts, h, x0 = solve.ts, solve.h, solve.x0
     n_state = len(solve.sch.state_names) if solve.sch.stateful else 1
     run = compiled_step(solve, mode)
     xs = [x0]

@@ -8,7 +8,7 @@ it to the ODE augmented with the divergence.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

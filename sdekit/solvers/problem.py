@@ -8,15 +8,14 @@ increments or the scheme's state itself, so every driver walks the same Brownian
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from .brownian import normal_chunks
+from .brownian import chunk_steps, normal_chunks
 from .brownian_path import BrownianPath, path_chunks
-from .brownian import chunk_steps
 from .schemes import Field, Scheme, init_state, step_map
 from .schemes import check_finite as _check_finite
 

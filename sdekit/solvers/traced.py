@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ def check_pure(solve: Solve) -> None:
 
 def traced_step(solve: Solve, x0: Tensor, inner: bool = False) -> Callable:
     """run(t, h, *state, *increments) -> state: the scheme's step traced on this solve's shapes, theta bound."""
-    f, g, ts, h, theta, noise = solve.f, solve.g, solve.ts, solve.h, solve.theta, solve.noise
+    f, g, theta, noise = solve.f, solve.g, solve.theta, solve.noise
     lay = batch_inner if inner else (lambda v: v)
     k = 1 if solve.N > 1 else 0
     fields = field_state(f, g, solve.dg)[0]
