@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .brownian import chunk_steps, normal_chunks
 from .brownian_path import path_chunks
 from .problem import Solve, as_state, transformed
+from .schemes import g_prod as g_prod_of
 
 __all__ = ["solve_adjoint", "field_parameters"]
 
@@ -143,6 +144,9 @@ class _AdjointSolve(torch.autograd.Function):
         g_params = [torch.zeros_like(p) for p in params]
         inputs = (theta, *params)
         leaves = {id(v) for v in inputs}
+        if solve.scheme == "reversible_heun":
+            g_x0, g_theta, g_params = _reversible_heun_backward(solve, steps, end, a[0], path_grad, inputs, leaves)
+            return None, g_x0, g_theta, *g_params
         inverse = solve.sch.inverse is not None
         if inverse:
             from .schemes import inverse_map
@@ -182,6 +186,93 @@ class _AdjointSolve(torch.autograd.Function):
         else:
             g_x0 = a[0]
         return None, g_x0, g_theta, *g_params
+
+
+def _reversible_heun_backward(solve: Solve, steps: "_Steps", end: tuple, a_x: Tensor, path_grad: Tensor | None,
+                              inputs: tuple, leaves: set) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The reversible adjoint of reversible_heun with one evaluation of f and g per step (torchsde's trick).
+
+    Step n maps (x, z, fz, gz) at t_n to (x1, z1, f1, g1) at t_{n+1}:
+        z1 = 2 x - z + fz h + gz . dW,   (f1, g1) = (f, g)(t_{n+1}, z1),   x1 = x + (fz + f1) h/2 + (gz + g1) . dW/2.
+    Walking back, the inverse step evaluates (f, g)(t_n, z_n) to rebuild the state at t_n; evaluated with a graph,
+    that same evaluation is what step n - 1's vector-Jacobian product needs for its (f1, g1). So each step evaluates
+    the fields once, and the chain rule through the step's linear parts is written out below.
+    Returns (d/dx0, d/dtheta, [d/dparam]).
+    """
+    ts, h, noise = solve.ts, solve.h, solve.noise
+    params = inputs[1:]
+
+    def fields(t, z):
+        """(z leaf, theta leaf, f(t, z), g(t, z)) with a graph to z, theta and the parameters."""
+        with torch.enable_grad():
+            zl = z.detach().requires_grad_(True)
+            th = inputs[0].detach().requires_grad_(True)
+            fz, gz = solve.f(t, zl, th), solve.g(t, zl, th)
+        return zl, th, fz, gz
+
+    def pull(ev, a_f, a_g):
+        """The VJP of an evaluation ev = (z, theta, f, g) with the adjoints of f and g: (a_z, a_theta, a_params)."""
+        zl, th, fz, gz = ev
+        _check_reads((fz, gz), {*leaves, id(zl), id(th)})
+        outs = [(o, ao) for o, ao in ((fz, a_f), (gz, a_g)) if o.requires_grad]
+        if not outs:
+            return torch.zeros_like(zl), torch.zeros_like(th), [torch.zeros_like(p) for p in params]
+        grads = torch.autograd.grad([o for o, _ in outs], (zl, th, *params), [ao for _, ao in outs], allow_unused=True)
+        grads = [torch.zeros_like(v) if gr is None else gr for v, gr in zip((zl, th, *params), grads)]
+        return grads[0], grads[1], grads[2:]
+
+    def g_prod_vjp(a: Tensor, v: Tensor) -> Tensor:
+        """d(G . v)/dG^T a for the noise type (G . v is linear in G)."""
+        if noise == "diagonal":
+            return a * v
+        if noise == "scalar":
+            return (a * v)[..., None]
+        return a.unsqueeze(-1) * v.unsqueeze(-2)
+
+    x1, z1, f1, g1 = (v.detach() for v in end)
+    ev1 = fields(ts[-1], z1)                          # (f1, g1) with a graph: the last step's, evaluated once more
+    a_x1, a_z1, a_f1, a_g1 = a_x, torch.zeros_like(z1), torch.zeros_like(f1), torch.zeros_like(g1)
+    g_theta = torch.zeros_like(inputs[0])
+    g_params = [torch.zeros_like(p) for p in params]
+    for start, stop in reversed(steps.chunk_bounds()):
+        dWs = steps.segment(start, stop)[0]
+        for n in range(stop - 1, start - 1, -1):
+            t, hn, dW = ts[n], h[n], dWs[n - start]
+            # Rebuild the state at t_n (the inverse step), evaluating the fields at z_n with a graph.
+            with torch.no_grad():
+                z = 2 * x1 - z1 - f1 * hn - g_prod_of(g1, dW, noise)
+            ev = fields(t, z)
+            fz, gz = ev[2].detach(), ev[3].detach()
+            with torch.no_grad():
+                x = x1 - (fz + f1) * (0.5 * hn) - g_prod_of(gz + g1, 0.5 * dW, noise)
+                # x1 = x + (fz + f1) h/2 + (gz + g1) . dW/2
+                a_x = a_x1.clone()
+                a_fz = a_x1 * (0.5 * hn)
+                a_f1_tot = a_f1 + a_x1 * (0.5 * hn)
+                a_gz = g_prod_vjp(a_x1, 0.5 * dW)
+                a_g1_tot = a_g1 + a_gz
+            # (f1, g1) = (f, g)(t_{n+1}, z1)
+            a_z1_f, a_th, a_p = pull(ev1, a_f1_tot, a_g1_tot)
+            with torch.no_grad():
+                a_z1_tot = a_z1 + a_z1_f
+                g_theta += a_th
+                for acc, gp in zip(g_params, a_p):
+                    acc += gp
+                # z1 = 2 x - z + fz h + gz . dW
+                a_x += 2 * a_z1_tot
+                a_z = -a_z1_tot
+                a_fz += a_z1_tot * hn
+                a_gz += g_prod_vjp(a_z1_tot, dW)
+                if path_grad is not None:
+                    a_x += path_grad[n]
+            x1, z1, f1, g1, ev1 = x, z, fz, gz, ev
+            a_x1, a_z1, a_f1, a_g1 = a_x, a_z, a_fz, a_gz
+    # the initial state (x0, x0, f(t0, x0), g(t0, x0)): z_0 is x0 rebuilt
+    a_z0, a_th, a_p = pull(ev1, a_f1, a_g1)
+    g_theta += a_th
+    for acc, gp in zip(g_params, a_p):
+        acc += gp
+    return a_x1 + a_z1 + a_z0, g_theta, g_params
 
 
 def _vjp(fn, y: tuple, inputs: tuple, a: tuple, leaves: set) -> tuple:
