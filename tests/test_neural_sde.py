@@ -87,20 +87,24 @@ def _grads(out, tensors):
 
 @pytest.mark.parametrize("scheme,noise", CASES)
 def test_module_weights_get_the_plain_loops_gradient(scheme, noise):
-    """Every parameter and x0, theta of an nn.Module drift and diffusion: the default solve's gradient is the plain
-    autograd loop's (float64, round-off), on a forward grid and on its reverse."""
+    """Every parameter and x0, theta of an nn.Module drift and diffusion, called through closures: the default
+    solve's gradient is the plain autograd loop's (float64, round-off), on a forward grid and on its reverse."""
     f, g, x0, theta, ts, dW, H = _problem(scheme, noise)
-    x0 = x0.requires_grad_(True)
-    th = theta.clone().requires_grad_(True)
-    params = [*f.parameters(), *g.parameters(), x0, th]
-    for grid in (ts, ts.flip(0)):
-        out = simulate(f, g, x0, th, grid, dW, scheme, noise=noise, levy_area=H)
-        assert out.requires_grad
-        got = _grads(out, params)
-        want = _grads(_plain_loop(f, g, x0, th, grid, dW, H, scheme, noise), params)
-        assert any(float(w.abs().max()) > 0 for w in want[:-2])
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    model = nn.ModuleDict({"f": f, "g": g})                              # the networks reached through a closure
+    f_closure = lambda t, x, th: model["f"](t, x, th)                     # noqa: E731
+    g_closure = lambda t, x, th: model["g"](t, x, th)                     # noqa: E731
+    for with_inputs in (False, True):                                    # the weights alone, then x0 and theta too
+        x = x0.clone().requires_grad_(with_inputs)
+        th = theta.clone().requires_grad_(with_inputs)
+        params = [*f.parameters(), *g.parameters()] + ([x, th] if with_inputs else [])
+        for grid in (ts, ts.flip(0)):
+            out = simulate(f_closure, g_closure, x, th, grid, dW, scheme, noise=noise, levy_area=H)
+            assert out.requires_grad
+            got = _grads(out, params)
+            want = _grads(_plain_loop(f, g, x, th, grid, dW, H, scheme, noise), params)
+            assert any(float(w.abs().max()) > 0 for w in want)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_closure_over_a_network_gets_its_gradient_with_another_loss_term():
