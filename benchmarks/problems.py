@@ -6,8 +6,8 @@ Each problem gives fields in sdekit's convention, f(t, x, theta) -> (B, d), g(t,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

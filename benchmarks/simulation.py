@@ -12,12 +12,12 @@ Every method draws its own noise inside the timed region. Problems: GBM and a 16
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from sdekit.solvers import SCHEMES, get_scheme, init_state, normal_chunks, simulate, step_map
+from sdekit.solvers import SCHEMES, get_scheme, init_state, normal_chunks, simulate
 
 from . import problems
 from .timing import interleaved
@@ -200,6 +200,7 @@ def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: 
                 heavy: bool = False) -> tuple[dict, list[str]]:
     """JAX rows that fit the memory cap; notes for those skipped."""
     import jax
+
     from . import jax_sims as J
     f, g, th = J.fields(p.name if p.name == "gbm" else "neural", p.params)
     x0 = jax.numpy.asarray(p.x0(B).cpu().numpy())

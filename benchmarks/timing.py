@@ -4,10 +4,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import resource
-import threading
 import statistics
+import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
