@@ -189,7 +189,8 @@ def markdown(result: dict) -> str:
             for N in Ns:
                 r = next((r for r in rows if r["method"] == m and r["steps"] == N), None)
                 cells.append("-" if r is None else "error" if "error" in r else
-                             f"{r['time_vs_primal']:.1f} ({r['peak_mib']:.0f})" if r.get("peak_mib") is not None else f"{r['time_vs_primal']:.1f}")
+                             f"{r['time_vs_primal']:.1f} ({r['peak_mib']:.0f})" if r.get("peak_mib") is not None
+                             else f"{r['time_vs_primal']:.1f}")
             L.append(f"| {m} | " + " | ".join(cells) + " |")
         rows = [r for r in sens["rows"] if r["sweep"] == "params"]
         Ps = sens["params"]
@@ -251,7 +252,8 @@ def markdown(result: dict) -> str:
             if "error" in r:
                 L.append(f"| {r['config']} | {r['processes']} | error: {r['error'][:120]} | |")
             else:
-                L.append(f"| {r['config']} | {r['processes']} | {r['steps_per_s']:.1f} | {r.get('speedup_vs_1_process', float('nan')):.2f} |")
+                speedup = r.get("speedup_vs_1_process", float("nan"))
+                L.append(f"| {r['config']} | {r['processes']} | {r['steps_per_s']:.1f} | {speedup:.2f} |")
         L += ["", tr["note"] + "; absolute steps/s are for reference only.", ""]
     if "elapsed_s" in result:
         L.append(f"Total time {result['elapsed_s']:.0f} s.")

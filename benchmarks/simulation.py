@@ -1,7 +1,8 @@
 """SDE simulation throughput (path-steps per second): sdekit's simulator against the usual ways to simulate.
 
 Rows per (problem, batch): `sdekit <scheme>` for every scheme of the registry that takes the problem's noise type
-(the default eager solve; `trace=True` and `compile=True` Euler rows unless --compile none), a plain torch loop of the same scheme (hand-written Euler and
+(the default eager solve; `trace=True` and `compile=True` Euler rows unless --compile none), a plain torch loop of the
+same scheme (hand-written Euler and
 Milstein for the diagonal problems, the registry's step run eagerly with fresh normals each step otherwise; the
 plain Euler loop is the baseline of the tables), torchsde.sdeint with the same method (its default
 BrownianInterval), the RNG floor (the increments alone: `normal_chunks` as simulate draws them, scaled), a jitted
@@ -216,7 +217,8 @@ def jax_methods(p: problems.Problem, B: int, N: int, quick: bool, max_elements: 
             return J.block(inc(x0, th, dW))
         m["diffrax pre-generated"] = pregen
     else:
-        notes.append(f"diffrax pre-generated skipped for {p.name} at B={B}: B*N*d = {B * N * p.d:.1e} increments exceed the cap {max_elements:.0e}")
+        notes.append(f"diffrax pre-generated skipped for {p.name} at B={B}: B*N*d = {B * N * p.d:.1e} increments exceed "
+                     f"the cap {max_elements:.0e}")
     vbt_cap = 1000 if quick else 4096
     if B <= vbt_cap and not heavy:
         vbt = J.diffrax_solver(f, g, T, N, "vbt")
@@ -317,7 +319,8 @@ def _interp_steps(fixed: list[tuple[int, float]], err: float) -> float | None:
 def adaptive_run(quick: bool, device: str = "cpu", progress=print, seed: int = 0) -> dict:
     """Strong error against scheme steps: uniform grids (N = 16 .. 2^13) and adaptive steps (step doubling, rtol
     1e-1 .. 1e-3, atol = rtol / 100) on the same Brownian motion, for Milstein (Ito drift), Heun and midpoint
-    (Stratonovich drift), on `stiff_layer` (adaptive Euler is refused on this multiplicative noise). Error: mean over B paths of |X_1 - X(1)| against the closed form on the
+    (Stratonovich drift), on `stiff_layer` (adaptive Euler is refused on this multiplicative noise). Error: mean over B
+    paths of |X_1 - X(1)| against the closed form on the
     path's own W_1. The tree is the path; the uniform grids read it through a BrownianGrid on the finest grid
     (dyadic times, so every coarser grid sums the same increments)."""
     import time

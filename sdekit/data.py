@@ -7,7 +7,7 @@ closed form at every t, which makes it the oracle every sampler and likelihood t
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ class GaussianMixture:
     def n_components(self) -> int:
         return self.means.shape[0]
 
-    def to(self, dtype: torch.dtype | None = None, device=None) -> "GaussianMixture":
+    def to(self, dtype: torch.dtype | None = None, device=None) -> GaussianMixture:
         return GaussianMixture(self.means.to(dtype=dtype, device=device), self.covs.to(dtype=dtype, device=device),
                                self.weights.to(dtype=dtype, device=device))
 

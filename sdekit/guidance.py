@@ -8,7 +8,7 @@ Since the score is linear in eps_hat, guiding the score, eps or x0 prediction is
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -22,8 +22,8 @@ Everything is float64: the effects are O(1), but the tests compare to theory in 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

@@ -13,7 +13,7 @@ which keeps the integral an unbiased estimate of the exact one.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -57,7 +57,8 @@ def log_likelihood(score_fn: Callable, sde: SDE, x: Tensor, method: str = "exact
     """log p_{t_min}(x) in nats per sample, by the probability-flow ODE from sde.t_min to sde.t_max.
 
     score_fn(x: (B, *S), t: (B,)) -> (B, *S); it must be differentiable in x (torch autograd).
-    x: (B, *S), finite (NaN/Inf raise ValueError with the first bad index). method: 'exact' (D backward passes per evaluation, D = prod(S)) or 'hutchinson'
+    x: (B, *S), finite (NaN/Inf raise ValueError with the first bad index). method: 'exact' (D backward passes per
+    evaluation, D = prod(S)) or 'hutchinson'
     (one, with a `probe` of 'rademacher' or 'gaussian' per sample drawn from generator, or given as noise: (B, *S)).
     prior_log_prob(x_T: (B, *S)) -> (B,) defaults to sde.prior_log_prob; pass the exact p_{t_max}
     when it is known to remove the prior mismatch from the comparison.

@@ -9,7 +9,7 @@ function, one table of purposes, so that a stream is a pure function of (seed, p
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -17,12 +17,13 @@ from torch import Tensor
 
 from .config import Config, ConfigError
 from .data import EXACT_MIXTURES, load_dataset
-from .metrics import mmd, mode_weight_error, mode_weights, sliced_wasserstein
 from .guidance import guided_score
+from .metrics import mmd, mode_weight_error, mode_weights, sliced_wasserstein
 from .rng import derive_seed
 from .samplers import sample
 
-__all__ = ["draw_samples", "gather_batches", "TOY_TARGETS", "evaluate_toy", "eval_cache_dir", "evaluate_images", "image_splits", "held_out_bpd",
+__all__ = ["draw_samples", "gather_batches", "TOY_TARGETS", "evaluate_toy", "eval_cache_dir", "evaluate_images", "image_splits",
+           "held_out_bpd",
            "sample_labels", "conditioning_labels", "compare_samplers_on_run", "RUN_CANDIDATES"]
 
 

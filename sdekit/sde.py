@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -63,7 +63,8 @@ def broadcast_like(c: Tensor, x: Tensor) -> Tensor:
     if c.ndim == 0:
         return c
     if c.ndim != 1 or c.shape[0] != x.shape[0]:
-        raise ValueError(f"coefficient of shape {tuple(c.shape)} does not match batch of x {tuple(x.shape)}; expected () or ({x.shape[0]},)")
+        raise ValueError(f"coefficient of shape {tuple(c.shape)} does not match batch of x {tuple(x.shape)}; "
+                         f"expected () or ({x.shape[0]},)")
     return c.reshape(-1, *([1] * (x.ndim - 1)))
 
 

@@ -19,8 +19,8 @@ numbers), which makes their variances directly comparable.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .families import (Bernoulli, Categorical, Exponential, Family, Gamma, GaussianDiag, GaussianFull, Laplace,
-                       Logistic)
+from .families import Bernoulli, Categorical, Exponential, Family, Gamma, GaussianDiag, GaussianFull, Laplace, Logistic
 
 __all__ = ["Objective", "OBJECTIVES", "NONSMOOTH", "make_objective", "expectation", "exact_gradient",
            "marginal_cdf", "floor_gradient_gaussian"]

@@ -288,7 +288,8 @@ def markdown(rows: list[dict], bias_rows: list[dict], failure_rows: list[dict] |
             " sees only f_j. E[f] grows like d and enters squared, so score/pathwise grows roughly like d^2 (slope 2)"
             " once the squared mean dominates the summed variances; a baseline removes E[f] but not the variance of"
             " the other d - 1 terms, leaving growth roughly like d (slope 1). exp(a.z) is a product, not a sum: both"
-            " estimators carry the factor f(z), and the ratio stays roughly flat in d. The linearisation control variate removes most of f when f is nearly linear over q"
+            " estimators carry the factor f(z), and the ratio stays roughly flat in d. The linearisation control variate removes"
+            " most of f when f is nearly linear over q"
             " (exp with small a), which is why it beats pathwise in many low-dimensional exp cells.\n"]
     if freq_rows:
         r0 = freq_rows[0]

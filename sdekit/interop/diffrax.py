@@ -21,7 +21,8 @@ JAX score functions have the signature score(x: (B, *S), t: () scalar) -> (B, *S
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 import sys
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

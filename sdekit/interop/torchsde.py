@@ -16,7 +16,7 @@ sqrt(t_i - t_{i+1}) noise[i], exactly what `sdekit.samplers.euler_maruyama` uses
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

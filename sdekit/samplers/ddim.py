@@ -9,7 +9,7 @@ integrator of the probability-flow ODE (order 1).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

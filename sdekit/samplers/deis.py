@@ -23,7 +23,7 @@ lowered it to 0.58x at 5 NFE and 0.36x at 10 (worst over the family 1.02x and 0.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -20,7 +20,7 @@ at most second order); a step into sigma = 0 is first order, landing on the data
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

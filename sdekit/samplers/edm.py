@@ -9,13 +9,14 @@ to sigma_hat = sigma_i (1 + gamma_i) by adding fresh noise, then takes a Heun st
     d = (y_hat - D(y_hat; sigma_hat)) / sigma_hat;  y' = y_hat + (sigma_{i+1} - sigma_hat) d
     d' = (y' - D(y'; sigma_{i+1})) / sigma_{i+1};   y_{i+1} = y_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2
 The default grid ends at t_min > 0, so the Heun correction applies on every step; on a grid ending at
-t = 0 (sigma = 0, EDM's own) the last step is an Euler step, as in the paper (one NFE less). sigma_hat is capped at sigma_ratio(ts[0]) so the
+t = 0 (sigma = 0, EDM's own) the last step is an Euler step, as in the paper (one NFE less). sigma_hat is capped at
+sigma_ratio(ts[0]) so the
 score is never queried above the grid's start. S_churn = 0 gives deterministic Heun (order 2).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

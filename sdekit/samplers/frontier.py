@@ -21,7 +21,7 @@ Wiring (`sdekit.interop.diffusers.run_scheduler`, `sdekit.interop.kdiffusion.run
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -29,10 +29,11 @@ from torch import Tensor
 
 from ..data import EXACT_MIXTURES, GaussianMixture
 from ..sde import SDE, VPSDE
-from . import SAMPLERS, CountingScore, sample
+from . import CountingScore, sample
 from .optimize import calibration_seed, calibration_set_for, optimize_grid, sample_distances
 
-__all__ = ["run_frontier", "compare_samplers", "scorer", "median_distance", "random_mixture", "frontier_mixture", "sdekit_rows", "diffusers_rows", "kdiffusion_rows",
+__all__ = ["run_frontier", "compare_samplers", "scorer", "median_distance", "random_mixture", "frontier_mixture", "sdekit_rows",
+           "diffusers_rows", "kdiffusion_rows",
            "SDEKIT_CANDIDATES", "BUDGETS", "frontier_markdown"]
 
 BUDGETS = (5, 10, 15, 20)

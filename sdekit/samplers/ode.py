@@ -4,7 +4,7 @@ Explicit Runge-Kutta methods in t: Euler (order 1), Heun (2), classical RK4 (4).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 

@@ -13,7 +13,7 @@ therefore coupled through that one scalar.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

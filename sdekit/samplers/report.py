@@ -87,7 +87,8 @@ def run_report(sde_name: str = "vp", nfes=(10, 20, 40, 80, 160, 320), batch: int
     # Exact samples of p_{t_min}: mixture samples pushed through the forward marginal.
     t_min = torch.tensor(sde.t_min, dtype=torch.float64)
     alpha, sigma = sde.marginal(t_min)
-    exact = lambda k: alpha * gmm.sample(n_samples, generator=gen(k)) + sigma * torch.randn(n_samples, d, generator=gen(k + 1), dtype=torch.float64)
+    exact = lambda k: (alpha * gmm.sample(n_samples, generator=gen(k))                          # noqa: E731
+                       + sigma * torch.randn(n_samples, d, generator=gen(k + 1), dtype=torch.float64))
     floor = _sliced_wasserstein(exact(10), exact(20), gen(30))
 
     rows = []

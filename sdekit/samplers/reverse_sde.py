@@ -1,7 +1,7 @@
 """Reverse-time SDE samplers: dx = [f(x,t) - g(t)^2 score(x,t)] dt + g(t) dW-bar, integrated t_max -> t_min."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

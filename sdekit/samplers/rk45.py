@@ -1,7 +1,7 @@
 """`rk45`: the adaptive Dormand-Prince 5(4) integrator (`sdekit.solvers.dopri5`) on the probability-flow ODE."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 

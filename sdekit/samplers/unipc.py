@@ -20,8 +20,7 @@ first-order step (the one before at most second order); a step into sigma = 0 is
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

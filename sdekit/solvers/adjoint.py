@@ -188,7 +188,7 @@ class _AdjointSolve(torch.autograd.Function):
         return None, g_x0, g_theta, *g_params
 
 
-def _reversible_heun_backward(solve: Solve, steps: "_Steps", end: tuple, a_x: Tensor, path_grad: Tensor | None,
+def _reversible_heun_backward(solve: Solve, steps: _Steps, end: tuple, a_x: Tensor, path_grad: Tensor | None,
                               inputs: tuple, leaves: set) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The reversible adjoint of reversible_heun with one evaluation of f and g per step (torchsde's trick).
 
