@@ -245,12 +245,10 @@ def _reversible_heun_backward(solve: Solve, steps: _Steps, end: tuple, a_x: Tens
             fz, gz = ev[2].detach(), ev[3].detach()
             with torch.no_grad():
                 x = x1 - (fz + f1) * (0.5 * hn) - g_prod_of(gz + g1, 0.5 * dW, noise)
-                # x1 = x + (fz + f1) h/2 + (gz + g1) . dW/2
-                a_x = a_x1.clone()
-                a_fz = a_x1 * (0.5 * hn)
-                a_f1_tot = a_f1 + a_x1 * (0.5 * hn)
-                a_gz = g_prod_vjp(a_x1, 0.5 * dW)
-                a_g1_tot = a_g1 + a_gz
+                # x1 = x + (fz + f1) h/2 + (gz + g1) . dW/2: the adjoints of f1 and g1 through x1
+                half_a_x1 = 0.5 * a_x1
+                a_f1_tot = a_f1 + half_a_x1 * hn
+                a_g1_tot = a_g1 + g_prod_vjp(half_a_x1, dW)
             # (f1, g1) = (f, g)(t_{n+1}, z1)
             a_z1_f, a_th, a_p = pull(ev1, a_f1_tot, a_g1_tot)
             with torch.no_grad():
@@ -258,13 +256,12 @@ def _reversible_heun_backward(solve: Solve, steps: _Steps, end: tuple, a_x: Tens
                 g_theta += a_th
                 for acc, gp in zip(g_params, a_p):
                     acc += gp
-                # z1 = 2 x - z + fz h + gz . dW
-                a_x += 2 * a_z1_tot
+                # and z1 = 2 x - z + fz h + gz . dW (both linear in the adjoints: one op each)
+                a_x = a_x1 + 2 * a_z1_tot if path_grad is None else a_x1 + 2 * a_z1_tot + path_grad[n]
                 a_z = -a_z1_tot
-                a_fz += a_z1_tot * hn
-                a_gz += g_prod_vjp(a_z1_tot, dW)
-                if path_grad is not None:
-                    a_x += path_grad[n]
+                b = half_a_x1 + a_z1_tot
+                a_fz = b * hn
+                a_gz = g_prod_vjp(b, dW)
             x1, z1, f1, g1, ev1 = x, z, fz, gz, ev
             a_x1, a_z1, a_f1, a_g1 = a_x, a_z, a_fz, a_gz
     # the initial state (x0, x0, f(t0, x0), g(t0, x0)): z_0 is x0 rebuilt
