@@ -11,7 +11,8 @@ number here is reported next to a reference at the same N. Samples are compared 
     that draws real images scores, and also what a model that copies its training images scores;
   * against the training split (`fd_vs_train`), next to `fd_test_vs_train` (held-out images against the
     training split; for conditional samples, 5 draws of held-out images with the samples' classes, at the
-    largest n_fd_vs_train <= n the held-out split allows). This one rewards copying: a copy of 1000 training images scores 0.44x the held-out
+    largest n_fd_vs_train <= n the held-out split allows). This one rewards copying: a copy of 1000 training images scores
+    0.44x the held-out
     split's FD. A ratio below 1 means "closer to the training set than fresh data are", not "better than
     perfect", and the classifier, fitted to the training split, makes its features of those very images special.
 

@@ -20,8 +20,16 @@ from ..distributed import processes
 from ..estimators.families import CONTINUOUS, DISCRETE
 from ..estimators.gradients import ESTIMATORS
 from ..estimators.oracles import OBJECTIVES
-from ..estimators.report import (concrete_bias, counter_cases, dimension_slopes, failure_modes, frequency_sweep, markdown,
-                                 variance_sweep, z_summary)
+from ..estimators.report import (
+    concrete_bias,
+    counter_cases,
+    dimension_slopes,
+    failure_modes,
+    frequency_sweep,
+    markdown,
+    variance_sweep,
+    z_summary,
+)
 
 __all__ = ["main", "plot"]
 

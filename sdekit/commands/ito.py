@@ -98,7 +98,8 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sdekit ito", description="Ito-correction demonstrations: numbers that show why the ordinary chain rule fails for SDEs.")
+    p = argparse.ArgumentParser(prog="sdekit ito", description="Ito-correction demonstrations: numbers that show why the "
+                                                               "ordinary chain rule fails for SDEs.")
     p.add_argument("--out", default="runs/ito", help="output folder for ito.json and ito.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every number of Monte Carlo paths")

@@ -26,8 +26,16 @@ from ..config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from ..data import EXACT_MIXTURES, load_dataset
 from ..image_metrics import class_grid_layout, save_image_grid
 from ..rng import derive_seed
-from ..sampling import (conditioning_labels, draw_samples, eval_cache_dir, evaluate_images, evaluate_toy, gather_batches,
-                        held_out_bpd, sample_labels)
+from ..sampling import (
+    conditioning_labels,
+    draw_samples,
+    eval_cache_dir,
+    evaluate_images,
+    evaluate_toy,
+    gather_batches,
+    held_out_bpd,
+    sample_labels,
+)
 from ..training import check_launch, exclusive_folder, launch_kwargs, load_trained
 
 __all__ = ["main", "plot_toy"]
@@ -101,7 +109,8 @@ def _sample_into(out: Path, args, state, denoiser, cfg: Config, ckpt: Path, data
     elif len(data_shape) == 3:
         used = conditioning_labels(labels, timing.get("guidance"))
         metrics.update(evaluate_images(samples, used, cfg, eval_cache_dir(ckpt)))
-        title = f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}" + (f", guidance {timing['guidance']:g}" if labels is not None else "")
+        title = f"{cfg.sample.sampler}, NFE {timing['nfe_per_sample']}"
+        title += f", guidance {timing['guidance']:g}" if labels is not None else ""
         n_classes = getattr(denoiser.net, "num_classes", None)
         shown, ncol = class_grid_layout(len(samples), None if used is None else n_classes)
         save_image_grid(samples[:shown], out / "samples.png", nrow=ncol, title=title,

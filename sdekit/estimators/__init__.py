@@ -22,8 +22,7 @@ from .families import CONTINUOUS, DISCRETE, FAMILIES, Family, make_family
 from .gradients import ESTIMATORS, GradientEstimate, estimate_gradient, summarize
 from .oracles import NONSMOOTH, OBJECTIVES, Objective, exact_gradient, expectation, make_objective
 from .relaxed import gumbel_noise, gumbel_softmax
-from .report import (counter_cases, dimension_slopes, frequency_sweep, sinusoid_variances, variance_sweep,
-                     z_summary)
+from .report import counter_cases, dimension_slopes, frequency_sweep, sinusoid_variances, variance_sweep, z_summary
 from .scale import SCALES, clamped_logvar_scale, softplus_scale
 
 __all__ = [

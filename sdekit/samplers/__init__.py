@@ -7,8 +7,8 @@ evaluations (NFE) and checks arguments before any work starts.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
