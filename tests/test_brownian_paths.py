@@ -17,7 +17,6 @@ import torch
 from sdekit.solvers.brownian_path import BrownianGrid, CallablePath, VirtualBrownianTree, as_path
 
 
-
 def _has_torchsde() -> bool:
     import importlib.util
     return importlib.util.find_spec("torchsde") is not None
@@ -306,7 +305,7 @@ def test_paths_drive_every_noise_type(noise, m):
         got = sdekit.simulate(f, g, x0, th, ts, scheme=scheme, noise=noise, bm=tree)
         want = sdekit.simulate(f, g, x0, th, ts, dW=tree.increments(ts), scheme=scheme, noise=noise)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"bm has shape \(5, 2\).*\(5, %d\)" % m):
+    with pytest.raises(ValueError, match=rf"bm has shape \(5, 2\).*\(5, {m}\)"):
         sdekit.simulate(f, g, x0, th, ts, noise=noise, bm=VirtualBrownianTree(0.0, 1.0, (B, d), seed=4, dtype=F64))
 
 
@@ -533,6 +532,7 @@ def test_torchsde_and_sdekit_share_paths_both_ways():
     torchsde.sdeint accepts sdekit's paths as bm: Euler and srk (space-time Levy area) in both libraries on one
     VirtualBrownianTree agree to 1e-12 in float64."""
     import torchsde
+
     from sdekit.interop.torchsde import brownian_interval
     ts = torch.linspace(1.0, 0.0, 11, dtype=F64)
     a = brownian_interval(ts, (3, 2), generator=torch.Generator().manual_seed(9), levy_area=True)

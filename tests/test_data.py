@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sdekit.data import GaussianMixture, TOY_DATASETS, check_finite, load_dataset, make_toy, ring
+from sdekit.data import TOY_DATASETS, GaussianMixture, check_finite, load_dataset, make_toy, ring
 from sdekit.sde import EDM, VESDE, VPSDE, SubVPSDE
 
 

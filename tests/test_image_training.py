@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import sdekit
 from safetensors.torch import load_file
 
+import sdekit
 from sdekit.checkpoint import load_checkpoint
 from sdekit.config import load_config
 from sdekit.losses import dsm_loss

@@ -82,7 +82,7 @@ def _png(path, array):
 
 def test_image_folder_with_class_subfolders(tmp_path):
     rng = np.random.default_rng(1)
-    for k, name in enumerate(["cat", "dog"]):
+    for name in ["cat", "dog"]:
         for i in range(3):
             _png(tmp_path / name / f"{i}.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
     d = load_image_folder(tmp_path)

@@ -10,7 +10,6 @@ import sdekit
 from sdekit.likelihood import bits_per_dim, dequantize, log_likelihood
 
 
-
 def mixture3d() -> sdekit.GaussianMixture:
     """Full-covariance 3-D mixture (so the Jacobian has off-diagonal terms)."""
     g = torch.Generator().manual_seed(0)
@@ -138,7 +137,8 @@ def test_bits_per_dim_is_an_upper_bound_of_the_exact_discrete_probability():
     u = dequantize(x_int.repeat(4000, 1), n_bins, (-1.0, 1.0), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     logp = (-0.5 * (u / s) ** 2 - math.log(s * math.sqrt(2 * math.pi))).sum(1)
     bpd = bits_per_dim(logp, 3, n_bins, (-1.0, 1.0)).reshape(4000, 2).mean(0)
-    edges = lambda k: (torch.tensor(-1.0 + 2.0 * k / n_bins, dtype=torch.float64), torch.tensor(-1.0 + 2.0 * (k + 1) / n_bins, dtype=torch.float64))
+    edges = lambda k: (torch.tensor(-1.0 + 2.0 * k / n_bins, dtype=torch.float64),
+                       torch.tensor(-1.0 + 2.0 * (k + 1) / n_bins, dtype=torch.float64))
     cdf = lambda z: 0.5 * (1 + torch.erf(z / (s * math.sqrt(2))))
     for row in range(2):
         logP = sum(math.log(float(cdf(edges(k)[1]) - cdf(edges(k)[0]))) for k in x_int[row].tolist())

@@ -200,8 +200,8 @@ def test_adjoint_every_noise_type(noise):
 
 def test_adjoint_with_drawn_increments_and_a_brownian_path():
     """Drawn increments are redrawn chunk by chunk in the backward pass; a Brownian path is queried again."""
-    from sdekit.solvers import VirtualBrownianTree
     import sdekit.solvers.brownian as brownian
+    from sdekit.solvers import VirtualBrownianTree
     f, g, x0, theta, ts, _, _ = _problem("reversible_heun", "diagonal", n=40)
     params = list(f.parameters())
     old = brownian._CHUNK_ELEMENTS

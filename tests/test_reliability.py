@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sdekit
 from sdekit.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
@@ -109,7 +110,8 @@ def test_no_code_executing_loaders_in_the_library():
 
 # --- property-based: only documented errors -----------------------------------------------------------
 _values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=8), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+                    st.text(max_size=8), st.lists(st.integers(), max_size=3),
+                    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
 _keys = st.sampled_from(["name", "steps", "lr", "batch_size", "ema_decay", "weighting", "sampler", "beta_min", "nope", "options", "seed"])
 _sections = st.sampled_from(["train", "sde", "loss", "sample", "model", "data", "extra"])
 
@@ -125,7 +127,8 @@ def test_config_parser_raises_only_config_errors(data):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sampler=st.sampled_from(sorted(sdekit.SAMPLERS) + ["nope"]), steps=st.one_of(st.integers(-3, 4), st.floats(-1, 3)),
-       batch=st.integers(-1, 3), rtol=st.sampled_from([-1e-3, 0.0, float("nan"), 1e-3, 1e-2]), grid=st.sampled_from([None, "uniform", "log_snr", "edm", "bad"]))
+       batch=st.integers(-1, 3), rtol=st.sampled_from([-1e-3, 0.0, float("nan"), 1e-3, 1e-2]),
+       grid=st.sampled_from([None, "uniform", "log_snr", "edm", "bad"]))
 def test_sampler_arguments_raise_only_documented_errors(sampler, steps, batch, rtol, grid):
     sde = sdekit.VPSDE()
     score = ring().to(torch.float32).score_fn(sde)

@@ -45,8 +45,8 @@ def fitted_slope(sampler: str, sde, grid: str, steps: list[int], options: dict |
 
 
 # (sampler, grid, steps, options), on VPSDE (linear beta); the order checked is the one the sampler declares in
-# SAMPLERS (SamplerSpec.order: ode_euler 1, heun 2, rk4 4, ddim 1, dpmpp_2m 2, edm 2). The step ranges are where the asymptotic regime holds on
-# this mixture (measured from 8 to 512 steps: below ~32-64 steps the Euler-type errors are pre-asymptotic) while
+# SAMPLERS (SamplerSpec.order: ode_euler 1, heun 2, rk4 4, ddim 1, dpmpp_2m 2, edm 2). The step ranges are where the asymptotic
+# regime holds on this mixture (measured from 8 to 512 steps: below ~32-64 steps the Euler-type errors are pre-asymptotic) while
 # the smallest error (rk4 at 256 steps, ~1.5e-8) stays at least ten times the reference's own error (~1e-9).
 CONVERGENCE = [
     ("ode_euler", "uniform", [64, 128, 256, 512], {}),
@@ -268,7 +268,8 @@ def test_default_grid_under_edm_reproduces_ring_radii(sampler):
     std_t = math.sqrt(0.1**2 + sde.t_min**2)             # per-mode std at t_min (alpha = 1, sigma = t_min)
     mean_true, std_true = rice_moments(2.0, std_t)
     se_mean, se_std = std_true / math.sqrt(n), std_true / math.sqrt(2 * n)
-    assert abs(float(r.mean()) - mean_true) <= 4 * se_mean + 0.05 * std_true, f"{sampler}: radius mean {float(r.mean()):.4f} vs {mean_true:.4f}"
+    assert abs(float(r.mean()) - mean_true) <= 4 * se_mean + 0.05 * std_true, \
+        f"{sampler}: radius mean {float(r.mean()):.4f} vs {mean_true:.4f}"
     assert abs(float(r.std()) - std_true) <= 4 * se_std + 0.05 * std_true, f"{sampler}: radius std {float(r.std()):.4f} vs {std_true:.4f}"
 
 

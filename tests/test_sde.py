@@ -125,7 +125,8 @@ def _times(name: str) -> torch.Tensor:
 @pytest.mark.parametrize("name", SDES)
 def test_t_from_log_snr_round_trips_over_the_whole_range(name):
     """t -> log_snr -> t: in float64 to 1e-9 relative; in float32 the inverse at the float32 log-SNR agrees with
-    the float64 inverse at the same input to 4 u (1 + |lambda|) relative (u = 6e-8), never NaN. SubVPSDE's root formula (2e + 1 - sqrt(4e + 1)) / 2e, e = e^lambda,
+    the float64 inverse at the same input to 4 u (1 + |lambda|) relative (u = 6e-8), never NaN. SubVPSDE's root formula
+    (2e + 1 - sqrt(4e + 1)) / 2e, e = e^lambda,
     cancelled: NaN at lambda = -20, t = 1.034 for lambda = -26 (true 1.61), and 0.88843 for 0.89170 in float32 at -8."""
     sde = SDES[name]()
     t = _times(name)

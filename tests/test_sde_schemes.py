@@ -15,8 +15,17 @@ import torch
 
 from sdekit import sensitivity, simulate
 from sdekit.sensitivity import backprop
-from sdekit.solvers import (SCHEMES, brownian_increments, init_state, inverse_map, ito_correction, ito_to_stratonovich,
-                            normal_chunks, step_map, stratonovich_to_ito)
+from sdekit.solvers import (
+    SCHEMES,
+    brownian_increments,
+    init_state,
+    inverse_map,
+    ito_correction,
+    ito_to_stratonovich,
+    normal_chunks,
+    step_map,
+    stratonovich_to_ito,
+)
 
 DT = torch.float64
 TH = torch.zeros(1, dtype=DT)          # the problems below take no parameters

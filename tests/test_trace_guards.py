@@ -10,10 +10,9 @@ import math
 import pytest
 import torch
 
-from sdekit import sensitivity
+from sdekit import sensitivity, simulate
 from sdekit.sensitivity import brownian_increments
 from sdekit.sensitivity.problems import make_problem
-from sdekit import simulate
 from sdekit.solvers._tracing import field_state
 
 DT = torch.float64
@@ -158,8 +157,9 @@ def test_every_problem_and_scheme_traces_without_falling_back(name, scheme, recw
 
 
 def test_fusion_keeps_a_product_added_to_itself():
-    from sdekit.solvers._tracing import trace_step
     import warnings
+
+    from sdekit.solvers._tracing import trace_step
 
     def step(x, y):
         p = x * y

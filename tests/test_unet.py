@@ -5,7 +5,6 @@ import torch
 from sdekit_models.unet import UNet
 
 
-
 @pytest.mark.parametrize("shape, options", [
     ((1, 8, 8), dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))),
     ((3, 16, 16), dict(channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), heads=2)),
