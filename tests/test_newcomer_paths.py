@@ -129,11 +129,11 @@ def test_missing_peers_are_named_before_any_work(command, monkeypatch, capsys, t
     for name in ("run_report", "run_frontier"):
         if hasattr(module, name):
             monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the work started before the check"))
-    _pretend_missing(monkeypatch, "diffusers", "k_diffusion")
+    _pretend_missing(monkeypatch, "diffusers", "torchdiffeq", "k_diffusion")   # (a fresh install has none of them)
     argv = ["--peers", "--out", str(tmp_path)] if command == "samplers" else ["--out", str(tmp_path)]
     assert module.main(argv) == 2
     err = capsys.readouterr().err
-    assert "diffusers, k-diffusion" in err and PEERS_HINT in err and err.count("pip install") == 2
+    assert "diffusers, torchdiffeq, k-diffusion" in err and PEERS_HINT in err and err.count("pip install") == 2
     assert not any(tmp_path.iterdir())
 
 
