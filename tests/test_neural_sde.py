@@ -271,7 +271,8 @@ def test_adjoint_memory_does_not_grow_with_steps():
     adjoint_growth = peaks["adjoint 800"] - peaks["adjoint 100"]
     backprop_growth = peaks["backprop 800"] - peaks["backprop 100"]
     assert backprop_growth > 40, peaks                # the measurement sees a tape (the test can fail)
-    assert adjoint_growth < 8, peaks                  # one chunk of increments and the allocator's moods
+    assert adjoint_growth < 0.05 * backprop_growth, peaks   # flat: 8x the steps cost < 5% of the tape's growth
+                                                            # (one chunk of increments and the allocator's moods)
 
 
 # --- inputs that were refused or silently wrong --------------------------------------------------------------------
