@@ -21,6 +21,7 @@ naming its shape (its gradient would otherwise be silently zero): pass it in adj
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import types
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from .brownian import chunk_steps, normal_chunks
 from .brownian_path import path_chunks
-from .problem import Solve, as_state, transformed
+from .problem import Solve, as_state, check_parasitic, parasitic_gap, transformed
 from .schemes import g_prod as g_prod_of
 
 __all__ = ["solve_adjoint", "field_parameters"]
@@ -116,7 +117,6 @@ class _AdjointSolve(torch.autograd.Function):
         steps = _Steps(solve)
         N = solve.N
         seg = N if sch.inverse is not None else math.ceil(N / math.ceil(math.sqrt(N)))
-        from .simulation import check_parasitic, parasitic_gap
         y, kept, xs, first_gap = solve.init(), {}, [solve.x0], None
         for n, w in steps.forward():
             if n % seg == 0:
@@ -308,7 +308,6 @@ def _check_reads(out: tuple, allowed: set) -> None:
 
 def _detached(solve: Solve) -> Solve:
     """The solve on detached x0 and theta (the forward pass keeps no tape; backward differentiates them itself)."""
-    import dataclasses
     return dataclasses.replace(solve, x0=solve.x0.detach(), theta=solve.theta.detach())
 
 

@@ -8,6 +8,8 @@ increments or the scheme's state itself, so every driver walks the same Brownian
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -17,9 +19,11 @@ from torch import Tensor
 from .brownian import chunk_steps, normal_chunks
 from .brownian_path import BrownianPath, path_chunks
 from .schemes import Field, Scheme, init_state, step_map
+from .schemes import _transformed as transformed
 from .schemes import check_finite as _check_finite
 
-__all__ = ["Solve", "per_step", "as_state", "run_steps", "GIVEN_CHUNK", "CHECK_EVERY"]
+__all__ = ["Solve", "per_step", "as_state", "run_steps", "transformed", "parasitic_gap", "check_parasitic", "GIVEN_CHUNK",
+           "CHECK_EVERY"]
 
 GIVEN_CHUNK = 256      # given increments are walked in views of this many steps
 CHECK_EVERY = 64       # steps between the on-device finiteness checks of the state (one op per check, no sync)
@@ -48,11 +52,6 @@ def run_steps(step: Callable, ts: Tensor, h: Tensor, y: tuple, ws: tuple, theta:
         y = as_state(step(ts[i], h[i], *y, *(w[i] for w in ws), theta))
         xs.append(y[0])
     return y, xs
-
-
-def transformed() -> bool:
-    """A torch.func transform (vmap, grad, jvp) is active: values are batched or dual, not readable."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 @dataclass
@@ -160,6 +159,32 @@ class Solve:
                     n += 1
         raise FloatingPointError(f"the solution became non-finite in a solve of {N} steps, but not when recomputed "
                                  "eagerly (the fast step and the eager one disagree there)")
+
+
+def parasitic_gap(scheme: str, y: tuple) -> float | None:
+    """reversible_heun's |z - x| (max over the batch), the size of its parasitic mode; None for other schemes."""
+    if scheme != "reversible_heun" or transformed():
+        return None
+    return float((y[1].detach() - y[0].detach()).abs().max())
+
+
+def check_parasitic(scheme: str, y: tuple, first_gap: float | None) -> None:
+    """Warn when reversible_heun's parasitic mode grew (RuntimeWarning). Its state is (x, z, f(z), g(z)): in a stable
+    solve z tracks x, the gap z - x flipping sign each step and summing local terms like a random walk (growth
+    ~sqrt(N) over the solve); where the drift's linearisation is dissipative (lambda < 0) the mode grows by
+    |lambda h| + sqrt(1 + (lambda h)^2) a step. Warned when the gap grew 1000-fold since the first step and exceeds
+    |x| itself (which the mode's eigenvector always does once it dominates)."""
+    gap = parasitic_gap(scheme, y)
+    if gap is None or first_gap is None or not math.isfinite(gap):        # (non-finite: reported as such)
+        return
+    size = float(y[0].detach().abs().max())
+    if gap > 1e3 * first_gap and gap > size:
+        warnings.warn(f"reversible_heun is unstable on this problem: its two half-states ended {gap:.3g} apart ("
+                      f"{gap / max(first_gap, 1e-300):.3g} times their gap after the first step), more than the "
+                      f"solution's size {size:.3g}. The scheme is stable only where the drift's linearisation is "
+                      "oscillatory (lambda h on the imaginary axis, |lambda h| <= 1); a dissipative (stiff) drift "
+                      "grows its parasitic mode like exp(|lambda| t). Use a finer grid, or 'heun' / 'midpoint'",
+                      RuntimeWarning, stacklevel=3)
 
 
 def drawn_chunks(N: int, shape: tuple[int, int], gen: torch.Generator | None, dtype: torch.dtype,

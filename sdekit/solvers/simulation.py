@@ -14,15 +14,12 @@ Brownian increments, when not given, are drawn as standard normals in chunks of 
 """
 from __future__ import annotations
 
-import math
-import warnings
-
 import torch
 from torch import Tensor
 
 from .adaptive import check_scheme, integrate_adaptive
 from .brownian_path import resolve_path
-from .problem import CHECK_EVERY, Solve, as_state, per_step, transformed
+from .problem import CHECK_EVERY, Solve, as_state, check_parasitic, parasitic_gap, per_step, transformed
 from .schemes import Field, check_inputs, get_scheme
 
 __all__ = ["simulate", "per_step"]
@@ -165,32 +162,6 @@ def solve_eager(solve: Solve) -> Tensor:
         solve.raise_non_finite(path)
     check_parasitic(solve.scheme, y, first_gap)
     return path if path is not None else y[0]
-
-
-def parasitic_gap(scheme: str, y: tuple) -> float | None:
-    """reversible_heun's |z - x| (max over the batch), the size of its parasitic mode; None for other schemes."""
-    if scheme != "reversible_heun" or transformed():
-        return None
-    return float((y[1].detach() - y[0].detach()).abs().max())
-
-
-def check_parasitic(scheme: str, y: tuple, first_gap: float | None) -> None:
-    """Warn when reversible_heun's parasitic mode grew (RuntimeWarning). Its state is (x, z, f(z), g(z)): in a stable
-    solve z tracks x, the gap z - x flipping sign each step and summing local terms like a random walk (growth
-    ~sqrt(N) over the solve); where the drift's linearisation is dissipative (lambda < 0) the mode grows by
-    |lambda h| + sqrt(1 + (lambda h)^2) a step. Warned when the gap grew 1000-fold since the first step and exceeds
-    |x| itself (which the mode's eigenvector always does once it dominates)."""
-    gap = parasitic_gap(scheme, y)
-    if gap is None or first_gap is None or not math.isfinite(gap):        # (non-finite: reported as such)
-        return
-    size = float(y[0].detach().abs().max())
-    if gap > 1e3 * first_gap and gap > size:
-        warnings.warn(f"reversible_heun is unstable on this problem: its two half-states ended {gap:.3g} apart ("
-                      f"{gap / max(first_gap, 1e-300):.3g} times their gap after the first step), more than the "
-                      f"solution's size {size:.3g}. The scheme is stable only where the drift's linearisation is "
-                      "oscillatory (lambda h on the imaginary axis, |lambda h| <= 1); a dissipative (stiff) drift "
-                      "grows its parasitic mode like exp(|lambda| t). Use a finer grid, or 'heun' / 'midpoint'",
-                      RuntimeWarning, stacklevel=3)
 
 
 def _differentiates(*tensors: Tensor | None) -> bool:
